@@ -1,0 +1,1 @@
+//! Criterion suites live in `benches/` (see issue: criterion suites for every hot path).

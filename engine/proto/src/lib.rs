@@ -1,0 +1,20 @@
+//! # tarta-proto: Tarta's protocol core
+//!
+//! Everything here is deterministic: no sockets, no runtime, no clock (time is
+//! passed in). That is what lets the codec, the topic index and the session
+//! state machine be property-tested in microseconds.
+//!
+//! # Layout
+//! - [`mqtt`]: the MQTT 3.1 / 3.1.1 / 5.0 codec (zero-copy on `bytes`).
+//! - [`ByteStr`]: validated MQTT UTF-8 strings as `Bytes` slices.
+//! - [`topic`]: topic names and filters (parse, don't validate) and the reference matcher.
+//! - [`index`]: the topic trie mapping (filter, key) to values, matched per published topic.
+//! - [`acl`]: Mosquitto `acl_file` access control lists, resolved per client.
+
+pub mod acl;
+mod bytestr;
+pub mod index;
+pub mod mqtt;
+pub mod topic;
+
+pub use bytestr::{ByteStr, InvalidString};

@@ -1,0 +1,367 @@
+//! The broker's view of one connection: its write queue, its close request
+//! and its protocol state. Shared (`Rc`) between the connection's I/O task,
+//! its session (for deliveries) and the shard's timer wheel.
+//!
+//! Architecture invariant: nothing here does I/O; the runtime's connection
+//! task drains [`OutQueue`] with vectored sends and watches `close`.
+
+use crate::session::{Delivery, Outbox};
+use bytes::{Bytes, BytesMut};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::task::Waker;
+use tarta_proto::mqtt::{self, Packet, Protocol, Publish, Will};
+use tarta_proto::ByteStr;
+
+/// Why a connection ends. Server-side reasons map to an MQTT 5 DISCONNECT
+/// reason code, sent before closing to 5.0 clients that have had a CONNACK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// DISCONNECT from the client: no will.
+    ClientDisconnect,
+    /// DISCONNECT with reason 0x04 (5.0): publish the will anyway.
+    ClientDisconnectWithWill,
+    /// The peer closed the socket or the socket failed.
+    PeerGone,
+    Malformed(String),
+    Protocol(String),
+    PacketTooLarge(String),
+    TopicAliasInvalid,
+    KeepAliveTimeout,
+    ConnectTimeout,
+    TakenOver,
+    NotAuthorized,
+    /// CONNACK with a refusal code was sent.
+    Refused,
+    Shutdown,
+    /// Moved to the client id's home shard (not a close for the client).
+    HandedOff,
+}
+
+impl CloseReason {
+    /// The 5.0 DISCONNECT reason code the server sends, if any.
+    pub fn disconnect_code(&self) -> Option<u8> {
+        use mqtt::reason::*;
+        Some(match self {
+            CloseReason::Malformed(_) => MALFORMED_PACKET,
+            CloseReason::Protocol(_) => PROTOCOL_ERROR,
+            CloseReason::PacketTooLarge(_) => PACKET_TOO_LARGE,
+            CloseReason::TopicAliasInvalid => TOPIC_ALIAS_INVALID,
+            CloseReason::KeepAliveTimeout => KEEP_ALIVE_TIMEOUT,
+            CloseReason::TakenOver => SESSION_TAKEN_OVER,
+            CloseReason::NotAuthorized => NOT_AUTHORIZED,
+            CloseReason::Shutdown => SERVER_SHUTTING_DOWN,
+            _ => return None,
+        })
+    }
+
+    /// Bad input from the client (counted and logged).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            CloseReason::Malformed(_)
+                | CloseReason::Protocol(_)
+                | CloseReason::PacketTooLarge(_)
+                | CloseReason::TopicAliasInvalid
+        )
+    }
+
+    /// Whether the will message is published (MQTT-3.1.2-8, -10).
+    pub fn publishes_will(&self) -> bool {
+        !matches!(
+            self,
+            CloseReason::ClientDisconnect | CloseReason::HandedOff | CloseReason::Refused
+        )
+    }
+}
+
+/// Bytes waiting to be written: whole segments (publish headers and shared
+/// payloads, in order) followed by a tail of small control packets.
+#[derive(Default)]
+pub struct OutQueue {
+    segs: VecDeque<Bytes>,
+    tail: BytesMut,
+    queued: usize,
+}
+
+impl OutQueue {
+    pub fn is_empty(&self) -> bool {
+        self.queued == 0
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.queued
+    }
+
+    pub fn push_packet(&mut self, p: &Packet, protocol: Protocol) {
+        let before = self.tail.len();
+        mqtt::encode(p, protocol, &mut self.tail);
+        self.queued += self.tail.len() - before;
+    }
+
+    /// Appends raw bytes (already encoded).
+    pub fn push_bytes(&mut self, b: &[u8]) {
+        self.tail.extend_from_slice(b);
+        self.queued += b.len();
+    }
+
+    /// Queues a PUBLISH as its own header plus the shared payload: the
+    /// payload is referenced, never copied.
+    pub fn push_publish(&mut self, p: &Publish, protocol: Protocol) {
+        if !self.tail.is_empty() {
+            self.segs.push_back(self.tail.split().freeze());
+        }
+        mqtt::encode_publish_header(p, protocol, &mut self.tail);
+        let header = self.tail.split().freeze();
+        self.queued += header.len() + p.payload.len();
+        self.segs.push_back(header);
+        if !p.payload.is_empty() {
+            self.segs.push_back(p.payload.clone());
+        }
+    }
+
+    /// Fills `iov` with the next bytes to write; returns how many slices.
+    pub fn iovecs<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for s in &self.segs {
+            if n == iov.len() {
+                return n;
+            }
+            iov[n] = IoSlice::new(s);
+            n += 1;
+        }
+        if n < iov.len() && !self.tail.is_empty() {
+            iov[n] = IoSlice::new(&self.tail);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, mut n: usize) {
+        self.queued -= n.min(self.queued);
+        while n > 0 {
+            match self.segs.front_mut() {
+                Some(s) if s.len() <= n => {
+                    n -= s.len();
+                    self.segs.pop_front();
+                }
+                Some(s) => {
+                    let _ = s.split_to(n);
+                    return;
+                }
+                None => {
+                    let _ = self.tail.split_to(n.min(self.tail.len()));
+                    if self.tail.is_empty() {
+                        // Give the memory back while idle.
+                        self.tail = BytesMut::new();
+                    }
+                    return;
+                }
+            }
+        }
+        if self.segs.is_empty() && self.tail.is_empty() && self.tail.capacity() > 4096 {
+            self.tail = BytesMut::new();
+        }
+    }
+}
+
+/// Per-connection protocol state, set at CONNECT.
+pub struct ConnState {
+    pub protocol: Protocol,
+    pub connected: bool,
+    pub client_id: ByteStr,
+    pub username: Option<ByteStr>,
+    /// Session slot on this shard once connected.
+    pub session: Option<usize>,
+    pub will: Option<Will>,
+    /// 5.0: the largest packet the client accepts (0 = no limit).
+    pub max_packet_out: u32,
+}
+
+pub struct Conn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub out: RefCell<OutQueue>,
+    waker: Cell<Option<Waker>>,
+    close: RefCell<Option<CloseReason>>,
+    /// Shard second of the last packet received.
+    pub last_heard: Cell<u64>,
+    /// Shard second the connection was accepted.
+    pub accepted_at: u64,
+    /// The second of this connection's live entry in the timer wheel.
+    pub wheel_at: Cell<u64>,
+    /// Negotiated keep-alive in seconds (0 = none).
+    pub keepalive: Cell<u16>,
+    pub state: RefCell<ConnState>,
+}
+
+impl Conn {
+    pub fn new(id: u64, peer: SocketAddr, now: u64) -> Self {
+        Conn {
+            id,
+            peer,
+            out: RefCell::new(OutQueue::default()),
+            waker: Cell::new(None),
+            close: RefCell::new(None),
+            last_heard: Cell::new(now),
+            accepted_at: now,
+            wheel_at: Cell::new(u64::MAX),
+            keepalive: Cell::new(0),
+            state: RefCell::new(ConnState {
+                protocol: Protocol::V311,
+                connected: false,
+                client_id: ByteStr::default(),
+                username: None,
+                session: None,
+                will: None,
+                max_packet_out: 0,
+            }),
+        }
+    }
+
+    pub fn set_waker(&self, w: &Waker) {
+        self.waker.set(Some(w.clone()));
+    }
+
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Asks the connection's task to close (the first reason wins).
+    pub fn request_close(&self, reason: CloseReason) {
+        let mut c = self.close.borrow_mut();
+        if c.is_none() {
+            *c = Some(reason);
+        }
+        drop(c);
+        self.wake();
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close.borrow().clone()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.close.borrow().is_some()
+    }
+
+    /// Seconds after which silence closes the connection (MQTT-3.1.2-24:
+    /// one and a half times the keep-alive), or CONNECT timeout before CONNECT.
+    pub fn deadline(&self, connect_timeout: u32) -> Option<u64> {
+        if !self.state.borrow().connected {
+            return Some(self.accepted_at + u64::from(connect_timeout));
+        }
+        match self.keepalive.get() {
+            0 => None,
+            // 1.5x rounded up, plus one for the one-second clock granularity.
+            ka => Some(self.last_heard.get() + (u64::from(ka) * 3).div_ceil(2) + 1),
+        }
+    }
+}
+
+/// A session's outbox onto a live connection.
+pub struct ConnOutbox<'a> {
+    pub conn: &'a Conn,
+    pub protocol: Protocol,
+    pub max_packet_out: u32,
+    /// Deliveries dropped because they exceed the client's maximum packet size.
+    pub oversize: u32,
+}
+
+impl<'a> ConnOutbox<'a> {
+    pub fn new(conn: &'a Conn) -> Self {
+        let st = conn.state.borrow();
+        ConnOutbox {
+            conn,
+            protocol: st.protocol,
+            max_packet_out: st.max_packet_out,
+            oversize: 0,
+        }
+    }
+}
+
+impl Outbox for ConnOutbox<'_> {
+    fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) {
+        let mut properties = if self.protocol.is_v5() {
+            d.msg.properties.clone()
+        } else {
+            Default::default()
+        };
+        if self.protocol.is_v5() {
+            for id in &d.sub_ids {
+                properties.push(mqtt::Property::SubscriptionIdentifier(*id));
+            }
+        }
+        let p = Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic: d.msg.topic.clone(),
+            packet_id: pid,
+            properties,
+            payload: d.msg.payload.clone(),
+        };
+        if self.max_packet_out != 0 {
+            let len = mqtt::encoded_len(&Packet::Publish(p.clone()), self.protocol);
+            if len > self.max_packet_out as usize {
+                // MQTT-3.1.2-25: discard, as if it had been sent.
+                self.oversize += 1;
+                return;
+            }
+        }
+        self.conn.out.borrow_mut().push_publish(&p, self.protocol);
+        self.conn.wake();
+    }
+
+    fn packet(&mut self, p: Packet) {
+        self.conn.out.borrow_mut().push_packet(&p, self.protocol);
+        self.conn.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tarta_proto::mqtt::QoS;
+
+    #[test]
+    fn out_queue_keeps_order_and_advances_across_segments() {
+        let mut q = OutQueue::default();
+        q.push_bytes(b"AB");
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 0,
+            properties: Default::default(),
+            payload: Bytes::from_static(b"payload"),
+        };
+        q.push_publish(&p, Protocol::V311);
+        q.push_bytes(b"CD");
+        let mut all = Vec::new();
+        let mut iov = [IoSlice::new(&[]); 8];
+        let n = q.iovecs(&mut iov);
+        for s in &iov[..n] {
+            all.extend_from_slice(s);
+        }
+        assert_eq!(all.len(), q.len());
+        assert_eq!(&all[..2], b"AB");
+        assert_eq!(&all[2..6], &[0x30, 10, 0, 1]);
+        assert_eq!(&all[7..14], b"payload");
+        assert_eq!(&all[14..], b"CD");
+        q.advance(5);
+        let mut iov2 = [IoSlice::new(&[]); 8];
+        let n = q.iovecs(&mut iov2);
+        let rest: Vec<u8> = iov2[..n].iter().flat_map(|s| s.to_vec()).collect();
+        assert_eq!(rest, all[5..]);
+        q.advance(rest.len());
+        assert!(q.is_empty());
+    }
+}

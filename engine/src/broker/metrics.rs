@@ -1,0 +1,41 @@
+//! Per-shard counters. Plain `Cell`s: a shard's counters are touched only by
+//! its own thread. Published as `$SYS/tarta/shard/{id}/{name}`.
+
+use std::cell::Cell;
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal),* $(,)?) => {
+        #[derive(Default)]
+        pub struct Metrics { $(#[doc = $doc] pub $name: Cell<u64>,)* }
+        impl Metrics {
+            /// (name, value) of every counter.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.get()),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    connections_accepted: "TCP connections accepted on this shard.",
+    connections_current: "Connections currently open on this shard.",
+    connections_handed_off: "Connections moved to their client id's home shard.",
+    closed_bad_input: "Connections closed for malformed packets or protocol errors.",
+    closed_keepalive: "Connections closed for keep-alive or CONNECT timeout.",
+    refused_fd_limit: "Connections refused because the process ran out of file descriptors.",
+    messages_received: "PUBLISH packets received from clients.",
+    messages_sent: "PUBLISH packets queued to clients.",
+    qos0_dropped: "QoS 0 messages dropped under overload (slow client or full mesh queue).",
+    queue_dropped: "QoS 1/2 messages dropped because a session's queue bound was reached.",
+    acl_denied: "PUBLISH and SUBSCRIBE requests denied by the ACL.",
+    sessions: "Sessions (online and offline) homed on this shard.",
+}
+
+impl Metrics {
+    pub fn inc(c: &Cell<u64>) {
+        c.set(c.get() + 1);
+    }
+    pub fn dec(c: &Cell<u64>) {
+        c.set(c.get().saturating_sub(1));
+    }
+}

@@ -1,0 +1,518 @@
+//! One shard's broker state and its routing: sessions homed here, the local
+//! topic index, the replicated routing table, retained messages, and the
+//! outbox of batches for other shards.
+//!
+//! Architecture invariant: this module never touches glommio, a socket or
+//! the clock. The runtime drives it: it feeds packets (`client`), mesh
+//! batches (`Shard::on_mesh`) and ticks (`Shard::on_tick`), and it drains the
+//! connections' write queues and the outbox.
+
+pub mod client;
+pub mod conn;
+pub mod metrics;
+pub mod retained;
+
+use crate::config::Config;
+use crate::session::{Delivery, Enqueued, Message, Session};
+use crate::wheel::Wheel;
+use bytes::Bytes;
+use conn::{CloseReason, Conn, ConnOutbox};
+use metrics::Metrics;
+use retained::Retained;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::task::Waker;
+use tarta_proto::acl::{Acl, ClientAcl};
+use tarta_proto::index::TopicIndex;
+use tarta_proto::mqtt::{Connect, Packet, QoS, SubOptions};
+use tarta_proto::ByteStr;
+
+/// What shards send each other (batched per destination).
+pub enum ShardMsg {
+    /// A message for the receiver's local subscribers; a retained one also
+    /// updates the receiver's retained replica.
+    Publish(Arc<Message>),
+    /// The sender has its first local subscriber on this filter.
+    RouteAdd(ByteStr),
+    /// The sender's last local subscriber on this filter left.
+    RouteDel(ByteStr),
+    /// Answer with `RouteAck(seq)` once the route changes before it are applied.
+    RouteBarrier(u64),
+    RouteAck(u64),
+    /// A connection whose CONNECT named a client id homed on the receiver.
+    Handoff(Box<Handoff>),
+}
+
+pub struct Handoff {
+    pub fd: OwnedFd,
+    pub peer: SocketAddr,
+    pub connect: Box<Connect>,
+    /// Bytes read after the CONNECT packet.
+    pub rest: Bytes,
+}
+
+/// The home shard of a client id: where its session lives. Stable and
+/// documented so operators (and tests) can tell where a client will land.
+pub fn home_shard(client_id: &str, shards: usize) -> usize {
+    // FNV-1a, 64 bit.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// A subscription in the local index.
+#[derive(Debug, Clone)]
+pub struct Sub {
+    pub opts: SubOptions,
+    pub sub_id: Option<u32>,
+    /// The ACL allows the filter but denies some topics under it: check
+    /// read access per delivered message.
+    pub filtered: bool,
+}
+
+pub struct SessionEntry {
+    pub session: Session,
+    pub conn: Option<Rc<Conn>>,
+    /// The ACL rules resolved for this client (None: no ACL configured).
+    pub acl: Option<ClientAcl>,
+}
+
+/// One matching subscription, before merging per session.
+struct Match {
+    sid: usize,
+    qos: QoS,
+    rap: bool,
+    sub_id: Option<u32>,
+    filtered: bool,
+}
+
+/// A SUBACK held until every other shard has applied this shard's route
+/// changes, so that a publish anywhere after the SUBACK reaches the new
+/// subscription.
+struct HeldSuback {
+    seq: u64,
+    conn: Weak<Conn>,
+    sid: usize,
+    suback: Packet,
+    retained: Vec<Delivery>,
+}
+
+pub struct State {
+    pub clients: HashMap<ByteStr, usize>,
+    pub sessions: Slab<SessionEntry>,
+    pub index: TopicIndex<usize, Sub>,
+    /// Which other shards have subscribers, by filter.
+    pub routes: TopicIndex<u16, ()>,
+    pub retained: Retained,
+    /// Per destination shard, messages waiting for the mesh pump.
+    pub outbox: Vec<Vec<ShardMsg>>,
+    pub wheel: Wheel<(u64, Weak<Conn>)>,
+    route_seq: u64,
+    route_acked: Vec<u64>,
+    held: Vec<HeldSuback>,
+    scratch: Vec<Match>,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub n: usize,
+    pub cfg: Arc<Config>,
+    pub acl: Option<Arc<Acl>>,
+    pub st: RefCell<State>,
+    pub metrics: Metrics,
+    /// Seconds since the shard started (set by the runtime's ticker).
+    pub now: Cell<u64>,
+    /// Wakes the runtime's mesh pump when the outbox gets work.
+    pub pump_waker: Cell<Option<Waker>>,
+    /// Connections waiting for the outbox to drain (backpressure).
+    pub paused: RefCell<Vec<Waker>>,
+    next_conn_id: Cell<u64>,
+    pub shutting_down: Cell<bool>,
+}
+
+/// Messages queued towards one shard beyond which QoS 0 is dropped and
+/// publishers' reads pause.
+const OUTBOX_HIGH: usize = 64 * 1024;
+
+impl Shard {
+    pub fn new(id: usize, n: usize, cfg: Arc<Config>, acl: Option<Arc<Acl>>) -> Shard {
+        Shard {
+            id,
+            n,
+            cfg,
+            acl,
+            st: RefCell::new(State {
+                clients: HashMap::new(),
+                sessions: Slab::new(),
+                index: TopicIndex::new(),
+                routes: TopicIndex::new(),
+                retained: Retained::default(),
+                outbox: (0..n).map(|_| Vec::new()).collect(),
+                wheel: Wheel::new(0),
+                route_seq: 0,
+                route_acked: vec![0; n],
+                held: Vec::new(),
+                scratch: Vec::new(),
+            }),
+            metrics: Metrics::default(),
+            now: Cell::new(0),
+            pump_waker: Cell::new(None),
+            paused: RefCell::new(Vec::new()),
+            next_conn_id: Cell::new(0),
+            shutting_down: Cell::new(false),
+        }
+    }
+
+    /// A new connection on this shard, registered with the timer wheel.
+    pub fn new_conn(&self, peer: SocketAddr) -> Rc<Conn> {
+        let id = self.next_conn_id.get();
+        self.next_conn_id.set(id + 1);
+        let conn = Rc::new(Conn::new((id << 10) | self.id as u64, peer, self.now.get()));
+        self.schedule(&mut self.st.borrow_mut(), &conn);
+        Metrics::inc(&self.metrics.connections_current);
+        conn
+    }
+
+    /// (Re)schedules the connection's deadline in the timer wheel; older
+    /// entries for it become stale and are skipped.
+    pub fn schedule(&self, st: &mut State, conn: &Rc<Conn>) {
+        if let Some(at) = conn.deadline(self.cfg.connect_timeout) {
+            conn.wheel_at.set(at);
+            st.wheel.insert(at, (at, Rc::downgrade(conn)));
+        }
+    }
+
+    /// Whether publishers on this shard should stop reading for now.
+    pub fn backlogged(&self) -> bool {
+        self.st
+            .borrow()
+            .outbox
+            .iter()
+            .any(|q| q.len() >= OUTBOX_HIGH)
+    }
+
+    pub fn push_out(&self, st: &mut State, to: usize, m: ShardMsg) {
+        let q = &mut st.outbox[to];
+        q.push(m);
+        if q.len() == 1 {
+            if let Some(w) = self.pump_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Routes a message published on this shard: to local subscribers, and
+    /// to every other shard with a matching route (all shards if retained).
+    pub fn route(&self, st: &mut State, msg: Arc<Message>) {
+        if msg.retain {
+            st.retained.set(&msg);
+        }
+        self.deliver_local(st, &msg);
+        if self.n == 1 {
+            return;
+        }
+        let mut mask: u128 = 0;
+        let mut wide: Vec<bool> = Vec::new();
+        if msg.retain {
+            for to in 0..self.n {
+                if to != self.id {
+                    self.forward(st, to, &msg);
+                }
+            }
+            return;
+        }
+        st.routes.for_each_match(&msg.topic, |_, shard, _| {
+            let s = usize::from(*shard);
+            if s < 128 {
+                mask |= 1 << s;
+            } else {
+                if wide.len() <= s {
+                    wide.resize(s + 1, false);
+                }
+                wide[s] = true;
+            }
+        });
+        for to in 0..self.n {
+            let hit = if to < 128 {
+                mask & (1 << to) != 0
+            } else {
+                wide.get(to).copied().unwrap_or(false)
+            };
+            if hit && to != self.id {
+                self.forward(st, to, &msg);
+            }
+        }
+    }
+
+    fn forward(&self, st: &mut State, to: usize, msg: &Arc<Message>) {
+        if msg.qos == QoS::AtMostOnce && !msg.retain && st.outbox[to].len() >= OUTBOX_HIGH {
+            Metrics::inc(&self.metrics.qos0_dropped);
+            return;
+        }
+        self.push_out(st, to, ShardMsg::Publish(msg.clone()));
+    }
+
+    /// Delivers to this shard's subscribers: once per session, at the
+    /// highest granted QoS of its matching subscriptions, carrying every
+    /// matching subscription identifier.
+    pub fn deliver_local(&self, st: &mut State, msg: &Arc<Message>) {
+        let mut scratch = std::mem::take(&mut st.scratch);
+        scratch.clear();
+        let origin = msg.origin;
+        let me = self.id as u16;
+        st.index.for_each_match(&msg.topic, |_, sid, sub| {
+            if sub.opts.no_local && origin == Some((me, *sid)) {
+                return;
+            }
+            scratch.push(Match {
+                sid: *sid,
+                qos: sub.opts.qos.min(msg.qos),
+                rap: sub.opts.retain_as_published,
+                sub_id: sub.sub_id,
+                filtered: sub.filtered,
+            });
+        });
+        scratch.sort_unstable_by_key(|m| m.sid);
+        let mut i = 0;
+        while i < scratch.len() {
+            let sid = scratch[i].sid;
+            let mut qos = QoS::AtMostOnce;
+            let mut rap = false;
+            let mut filtered = true;
+            let mut sub_ids = Vec::new();
+            while i < scratch.len() && scratch[i].sid == sid {
+                let m = &scratch[i];
+                qos = qos.max(m.qos);
+                rap |= m.rap;
+                filtered &= m.filtered;
+                if let Some(id) = m.sub_id {
+                    sub_ids.push(id);
+                }
+                i += 1;
+            }
+            let d = Delivery {
+                msg: msg.clone(),
+                qos,
+                retain: rap && msg.retain,
+                sub_ids,
+            };
+            self.deliver_to(st, sid, d, filtered);
+        }
+        st.scratch = scratch;
+    }
+
+    /// Hands one delivery to a session; `check_acl` asks for a per-message
+    /// read check (the subscription's filter overlaps a deny rule).
+    pub fn deliver_to(&self, st: &mut State, sid: usize, d: Delivery, check_acl: bool) {
+        let Some(entry) = st.sessions.get_mut(sid) else {
+            return;
+        };
+        if check_acl {
+            if let Some(acl) = &entry.acl {
+                if !acl.can_read(&d.msg.topic) {
+                    Metrics::inc(&self.metrics.acl_denied);
+                    return;
+                }
+            }
+        }
+        let r = match &entry.conn {
+            Some(conn) => {
+                if d.qos == QoS::AtMostOnce && conn.out.borrow().len() >= self.cfg.max_queued_bytes
+                {
+                    Metrics::inc(&self.metrics.qos0_dropped);
+                    return;
+                }
+                let mut out = ConnOutbox::new(conn);
+                let r = entry.session.deliver(d, Some(&mut out));
+                if out.oversize > 0 {
+                    Metrics::inc(&self.metrics.qos0_dropped);
+                }
+                r
+            }
+            None => entry.session.deliver(d, None),
+        };
+        match r {
+            Enqueued::Sent => Metrics::inc(&self.metrics.messages_sent),
+            Enqueued::Queued => {}
+            Enqueued::Dropped if entry.conn.is_some() || entry.session.persistent => {
+                Metrics::inc(&self.metrics.queue_dropped)
+            }
+            Enqueued::Dropped => {}
+        }
+    }
+
+    /// Broadcasts a route change for `filter` to every other shard.
+    pub fn route_change(&self, st: &mut State, filter: &ByteStr, add: bool) {
+        for to in 0..self.n {
+            if to != self.id {
+                let m = if add {
+                    ShardMsg::RouteAdd(filter.clone())
+                } else {
+                    ShardMsg::RouteDel(filter.clone())
+                };
+                self.push_out(st, to, m);
+            }
+        }
+    }
+
+    /// Sends a SUBACK now, or holds it until the other shards have applied
+    /// this shard's route changes.
+    pub fn suback(
+        &self,
+        st: &mut State,
+        conn: &Rc<Conn>,
+        sid: usize,
+        suback: Packet,
+        retained: Vec<Delivery>,
+        routes_changed: bool,
+    ) {
+        if routes_changed {
+            st.route_seq += 1;
+            let seq = st.route_seq;
+            for to in 0..self.n {
+                if to != self.id {
+                    self.push_out(st, to, ShardMsg::RouteBarrier(seq));
+                }
+            }
+        }
+        let min_acked = self.min_acked(st);
+        if min_acked < st.route_seq {
+            st.held.push(HeldSuback {
+                seq: st.route_seq,
+                conn: Rc::downgrade(conn),
+                sid,
+                suback,
+                retained,
+            });
+            return;
+        }
+        self.send_suback(st, conn, sid, suback, retained);
+    }
+
+    fn min_acked(&self, st: &State) -> u64 {
+        (0..self.n)
+            .filter(|j| *j != self.id)
+            .map(|j| st.route_acked[j])
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    fn send_suback(
+        &self,
+        st: &mut State,
+        conn: &Rc<Conn>,
+        sid: usize,
+        suback: Packet,
+        retained: Vec<Delivery>,
+    ) {
+        if conn.is_closing() {
+            return;
+        }
+        let protocol = conn.state.borrow().protocol;
+        conn.out.borrow_mut().push_packet(&suback, protocol);
+        conn.wake();
+        for d in retained {
+            self.deliver_to(st, sid, d, false);
+        }
+    }
+
+    /// Applies a batch from shard `from`. Handoffs are returned for the
+    /// runtime to start.
+    pub fn on_mesh(&self, from: usize, batch: Vec<ShardMsg>, handoffs: &mut Vec<Box<Handoff>>) {
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        for m in batch {
+            match m {
+                ShardMsg::Publish(msg) => {
+                    if msg.retain {
+                        st.retained.set(&msg);
+                    }
+                    self.deliver_local(st, &msg);
+                }
+                ShardMsg::RouteAdd(f) => {
+                    st.routes.insert(&f, from as u16, ());
+                }
+                ShardMsg::RouteDel(f) => {
+                    st.routes.remove(&f, &(from as u16));
+                }
+                ShardMsg::RouteBarrier(seq) => self.push_out(st, from, ShardMsg::RouteAck(seq)),
+                ShardMsg::RouteAck(seq) => {
+                    st.route_acked[from] = st.route_acked[from].max(seq);
+                    self.release_held(st);
+                }
+                ShardMsg::Handoff(h) => handoffs.push(h),
+            }
+        }
+    }
+
+    fn release_held(&self, st: &mut State) {
+        let min_acked = self.min_acked(st);
+        if st.held.iter().all(|h| h.seq > min_acked) {
+            return;
+        }
+        let held = std::mem::take(&mut st.held);
+        for h in held {
+            if h.seq > min_acked {
+                st.held.push(h);
+                continue;
+            }
+            if let Some(conn) = h.conn.upgrade() {
+                self.send_suback(st, &conn, h.sid, h.suback, h.retained);
+            }
+        }
+    }
+
+    /// One second passed: close connections whose deadline is gone.
+    pub fn on_tick(&self, now: u64) {
+        self.now.set(now);
+        let mut due = Vec::new();
+        let mut st = self.st.borrow_mut();
+        st.wheel.expire(now, &mut due);
+        for (at, w) in due {
+            let Some(conn) = w.upgrade() else { continue };
+            if conn.is_closing() || conn.wheel_at.get() != at {
+                continue;
+            }
+            match conn.deadline(self.cfg.connect_timeout) {
+                Some(at) if at <= now => {
+                    let connected = conn.state.borrow().connected;
+                    conn.request_close(if connected {
+                        CloseReason::KeepAliveTimeout
+                    } else {
+                        CloseReason::ConnectTimeout
+                    });
+                }
+                Some(_) => self.schedule(&mut st, &conn),
+                None => conn.wheel_at.set(u64::MAX),
+            }
+        }
+    }
+
+    /// Publishes this shard's counters as retained `$SYS` messages.
+    pub fn publish_sys(&self) {
+        {
+            let st = self.st.borrow();
+            self.metrics.sessions.set(st.sessions.len() as u64);
+        }
+        let mut st = self.st.borrow_mut();
+        for (name, value) in self.metrics.snapshot() {
+            let msg = Arc::new(Message {
+                topic: ByteStr::from(format!("$SYS/tarta/shard/{}/{}", self.id, name)),
+                payload: Bytes::from(value.to_string()),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Default::default(),
+                origin: None,
+            });
+            self.route(&mut st, msg);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Configuration: a TOML file (serde) overlaid by command-line flags (clap),
+//! parsed once into a typed, read-only [`Config`] that every shard shares.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Command-line flags. Flags override the file given with `--config`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tarta",
+    version,
+    about = "Tarta: a thread-per-core MQTT broker"
+)]
+pub struct Cli {
+    /// TOML configuration file (see docs/CONFIG.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// MQTT over TCP listener address (repeatable). Default 127.0.0.1:1883.
+    #[arg(long = "tcp", value_name = "ADDR")]
+    pub tcp: Vec<SocketAddr>,
+    /// Number of shards (one executor thread each). Default: CPUs available.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    /// Mosquitto-format ACL file.
+    #[arg(long = "acl-file", value_name = "FILE")]
+    pub acl_file: Option<PathBuf>,
+    /// Largest keep-alive a client may ask for, in seconds.
+    #[arg(long = "max-keepalive", value_name = "SECS")]
+    pub max_keepalive: Option<u16>,
+    /// Log level or tracing filter (error, warn, info, debug, trace).
+    #[arg(long, value_name = "LEVEL")]
+    pub log: Option<String>,
+    /// Do not pin shards to CPUs (better when other busy processes share the cores).
+    #[arg(long = "no-pin")]
+    pub no_pin: bool,
+    /// Seconds between `$SYS/tarta/...` statistics publications (0 = off).
+    #[arg(long = "sys-interval", value_name = "SECS")]
+    pub sys_interval: Option<u32>,
+}
+
+/// The TOML file. Every field is optional; see docs/CONFIG.md.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub tcp: Option<Vec<SocketAddr>>,
+    pub shards: Option<usize>,
+    pub pin: Option<bool>,
+    pub acl_file: Option<PathBuf>,
+    pub max_keepalive: Option<u16>,
+    pub log: Option<String>,
+    pub max_packet_size: Option<u32>,
+    pub max_inflight: Option<u16>,
+    pub max_queued_messages: Option<usize>,
+    pub max_queued_bytes: Option<usize>,
+    pub connect_timeout: Option<u32>,
+    pub sys_interval: Option<u32>,
+    pub allow_zero_length_clientid: Option<bool>,
+    pub mesh_capacity: Option<usize>,
+    pub io_memory: Option<usize>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub tcp: Vec<SocketAddr>,
+    pub shards: usize,
+    pub pin: bool,
+    pub acl_file: Option<PathBuf>,
+    /// Largest keep-alive accepted (3.x clients asking for more are refused
+    /// with "identifier rejected", as Mosquitto does; 0 = no limit).
+    pub max_keepalive: u16,
+    pub log: String,
+    /// Largest MQTT packet accepted, in bytes (checked before buffering the body).
+    pub max_packet_size: u32,
+    /// QoS 1/2 messages in flight to one client before more are queued.
+    pub max_inflight: u16,
+    /// QoS 1/2 messages queued per session (offline or over the inflight window).
+    pub max_queued_messages: usize,
+    /// Bytes queued for writing to one connection before QoS 0 messages to it are dropped.
+    pub max_queued_bytes: usize,
+    /// Seconds a new connection has to send CONNECT.
+    pub connect_timeout: u32,
+    /// Seconds between `$SYS` statistics (0 = off).
+    pub sys_interval: u32,
+    /// Whether a client may connect with an empty client id (one is assigned).
+    pub allow_zero_length_clientid: bool,
+    /// Batches queued between two shards before the sender holds back.
+    pub mesh_capacity: usize,
+    /// glommio io_memory per shard (registered buffers for DMA file I/O).
+    pub io_memory: usize,
+}
+
+impl Config {
+    /// Reads `--config` (if any) and overlays the flags.
+    pub fn load(cli: Cli) -> Result<Config, String> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| format!("invalid config {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let cpus = crate::runtime::available_cpus().len().max(1);
+        let cfg = Config {
+            tcp: if !cli.tcp.is_empty() {
+                cli.tcp
+            } else {
+                file.tcp
+                    .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 1883))])
+            },
+            shards: cli.shards.or(file.shards).unwrap_or(cpus),
+            pin: !cli.no_pin && file.pin.unwrap_or(true),
+            acl_file: cli.acl_file.or(file.acl_file),
+            max_keepalive: cli.max_keepalive.or(file.max_keepalive).unwrap_or(65535),
+            log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
+            max_packet_size: file.max_packet_size.unwrap_or(16 * 1024 * 1024),
+            max_inflight: file.max_inflight.unwrap_or(64),
+            max_queued_messages: file.max_queued_messages.unwrap_or(1000),
+            max_queued_bytes: file.max_queued_bytes.unwrap_or(4 * 1024 * 1024),
+            connect_timeout: file.connect_timeout.unwrap_or(10),
+            sys_interval: cli.sys_interval.or(file.sys_interval).unwrap_or(10),
+            allow_zero_length_clientid: file.allow_zero_length_clientid.unwrap_or(true),
+            mesh_capacity: file.mesh_capacity.unwrap_or(1024),
+            io_memory: file.io_memory.unwrap_or(512 * 1024),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(format!("shards must be 1..=1024, got {}", self.shards));
+        }
+        if self.tcp.is_empty() {
+            return Err("no listener configured".into());
+        }
+        if self.max_inflight == 0 {
+            return Err("max_inflight must be at least 1".into());
+        }
+        if self.max_packet_size < 64 {
+            return Err("max_packet_size must be at least 64".into());
+        }
+        if self.mesh_capacity == 0 {
+            return Err("mesh_capacity must be at least 1".into());
+        }
+        Ok(())
+    }
+}

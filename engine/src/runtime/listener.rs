@@ -1,0 +1,117 @@
+//! Listeners: every shard gets its own SO_REUSEPORT socket per address (the
+//! kernel spreads connections across shards). They are bound up front in
+//! the main thread so that port 0 resolves to one port shared by all shards.
+//!
+//! When the process runs out of file descriptors, the accept loop refuses
+//! connections cleanly: it frees a spare descriptor, accepts and closes one
+//! connection, and takes the spare back, so it neither spins nor crashes.
+
+use super::{conn, peer_or_unspecified, Rt};
+use crate::broker::metrics::Metrics;
+use glommio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::Duration;
+use tracing::warn;
+
+pub struct Bound {
+    /// The actual addresses (port 0 resolved).
+    pub addrs: Vec<SocketAddr>,
+    /// Per address, one socket per shard.
+    pub fds: Vec<Vec<OwnedFd>>,
+}
+
+fn listen_socket(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s)
+}
+
+pub fn bind_all(addrs: &[SocketAddr], shards: usize) -> Result<Bound, String> {
+    let mut out = Bound {
+        addrs: Vec::new(),
+        fds: Vec::new(),
+    };
+    for &addr in addrs {
+        let first = listen_socket(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let actual = first
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(addr);
+        let mut fds = vec![OwnedFd::from(first)];
+        for _ in 1..shards {
+            let s = listen_socket(actual).map_err(|e| format!("cannot listen on {actual}: {e}"))?;
+            fds.push(OwnedFd::from(s));
+        }
+        out.addrs.push(actual);
+        out.fds.push(fds);
+    }
+    Ok(out)
+}
+
+/// Starts the accept loop of one listener on this shard.
+pub fn start(rt: Rc<Rt>, fd: OwnedFd) {
+    // SAFETY: `fd` is a listening TCP socket we own; the listener takes it.
+    let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+    glommio::spawn_local(accept_loop(rt, listener)).detach();
+}
+
+fn spare_fd() -> Option<OwnedFd> {
+    // SAFETY: open(2) on a constant path; the fd is owned from here on.
+    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+async fn accept_loop(rt: Rc<Rt>, listener: TcpListener) {
+    let mut spare = spare_fd();
+    let mut last_warn: Option<std::time::Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let peer = peer_or_unspecified(stream.peer_addr().map_err(std::io::Error::from));
+                let _ = stream.set_nodelay(true);
+                Metrics::inc(&rt.shard.metrics.connections_accepted);
+                let c = rt.shard.new_conn(peer);
+                glommio::spawn_local(conn::run(rt.clone(), stream, c, None)).detach();
+            }
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                let fd_limit = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                if fd_limit {
+                    Metrics::inc(&rt.shard.metrics.refused_fd_limit);
+                    // Free the spare, accept one connection and close it at once.
+                    drop(spare.take());
+                    if let Ok(s) = listener.accept().await {
+                        drop(s);
+                    }
+                    spare = spare_fd();
+                }
+                let now = std::time::Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
+                    last_warn = Some(now);
+                    if fd_limit {
+                        warn!(
+                            shard = rt.shard.id,
+                            refused = rt.shard.metrics.refused_fd_limit.get(),
+                            "out of file descriptors (ulimit -n): refusing connections; see docs/OPERATIONS.md"
+                        );
+                    } else {
+                        warn!(shard = rt.shard.id, "accept failed: {e}");
+                    }
+                }
+                if spare.is_none() || !fd_limit {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}

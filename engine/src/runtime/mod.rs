@@ -1,0 +1,175 @@
+//! The runtime layer: the only place that imports glommio. It starts one
+//! executor per shard, binds the listeners, runs the accept loops, the
+//! connection tasks, the mesh pump and the one-second ticker, and shuts
+//! everything down on SIGINT/SIGTERM.
+//!
+//! Keeping glommio here (GLOMMIO.md: upstream is barely maintained) means a
+//! move to the community fork or another runtime touches this module only.
+
+mod conn;
+mod listener;
+mod pump;
+
+use crate::broker::{Shard, ShardMsg};
+use crate::config::Config;
+use crate::mesh::{self, MeshEnds};
+use bytes::BytesMut;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tarta_proto::acl::Acl;
+use tracing::{error, info};
+
+/// Size of the shard-wide read buffer chunk. Reads land here; only a
+/// partial packet is ever copied out to its connection.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// One shard's runtime: the broker state plus its I/O resources.
+pub(crate) struct Rt {
+    pub shard: Shard,
+    pub mesh: MeshEnds<ShardMsg>,
+    /// The shard-wide read buffer (see `conn`).
+    pub rbuf: RefCell<BytesMut>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// The CPUs this process may run on.
+pub fn available_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) so
+/// that `wait_for_signal` receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised; sigwait writes the signal number.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+/// Runs the broker until SIGINT/SIGTERM. Returns an error if it cannot start.
+pub fn run(cfg: Config) -> Result<(), String> {
+    let acl = match &cfg.acl_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read ACL file {}: {e}", path.display()))?;
+            let acl = Acl::parse(&text)
+                .map_err(|e| format!("invalid ACL file {}: {e}", path.display()))?;
+            Some(Arc::new(acl))
+        }
+        None => None,
+    };
+    let n = cfg.shards;
+    let sockets = listener::bind_all(&cfg.tcp, n)?;
+    for addr in &sockets.addrs {
+        // A stable line on stdout that scripts and tests wait for.
+        println!("tarta listening mqtt/tcp {addr}");
+        info!(%addr, "listening for MQTT over TCP");
+        if addr.ip().is_loopback() {
+            info!(
+                "{addr} is local-only (like Mosquitto 2); pass --tcp 0.0.0.0:{} to accept other hosts",
+                addr.port()
+            );
+        }
+    }
+    let signals = block_signals();
+    let cfg = Arc::new(cfg);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (ends, bells) = mesh::build::<ShardMsg>(n, cfg.mesh_capacity);
+    let cpus = available_cpus();
+    let mut per_shard: Vec<Vec<OwnedFd>> = (0..n).map(|_| Vec::new()).collect();
+    for per_addr in sockets.fds {
+        for (i, fd) in per_addr.into_iter().enumerate() {
+            per_shard[i].push(fd);
+        }
+    }
+    let mut handles = Vec::new();
+    for (id, (ends, fds)) in ends.into_iter().zip(per_shard).enumerate() {
+        let placement = if cfg.pin {
+            Placement::Fixed(cpus.get(id % cpus.len().max(1)).copied().unwrap_or(0))
+        } else {
+            Placement::Unbound
+        };
+        let (cfg, acl, shutdown) = (cfg.clone(), acl.clone(), shutdown.clone());
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("tarta-shard-{id}"))
+            .io_memory(cfg.io_memory)
+            .spawn(move || async move {
+                let rt = Rc::new(Rt {
+                    shard: Shard::new(id, n, cfg, acl),
+                    mesh: ends,
+                    rbuf: RefCell::new(BytesMut::new()),
+                    shutdown,
+                });
+                shard_main(rt, fds).await;
+            })
+            .map_err(|e| format!("cannot start shard {id}: {e}"))?;
+        handles.push(h);
+    }
+    println!("tarta started with {n} shards");
+    let sig = wait_for_signal(&signals);
+    info!(signal = sig, "shutting down");
+    shutdown.store(true, Ordering::Release);
+    for b in &bells {
+        b.ring();
+    }
+    for (i, h) in handles.into_iter().enumerate() {
+        if let Err(e) = h.join() {
+            error!(shard = i, "shard ended with an error: {e}");
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn shard_main(rt: Rc<Rt>, listeners: Vec<OwnedFd>) {
+    for fd in listeners {
+        listener::start(rt.clone(), fd);
+    }
+    glommio::spawn_local(pump::ticker(rt.clone())).detach();
+    pump::mesh_pump(rt.clone()).await;
+    // Shutdown: tell every connected client (5.0: DISCONNECT 0x8B), give
+    // their tasks a moment to flush, then let the executor end.
+    rt.shard.shutting_down.set(true);
+    let conns: Vec<_> = rt
+        .shard
+        .st
+        .borrow()
+        .sessions
+        .iter()
+        .filter_map(|(_, e)| e.conn.clone())
+        .collect();
+    for c in conns {
+        c.request_close(crate::broker::conn::CloseReason::Shutdown);
+    }
+    glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+}
+
+pub(crate) fn peer_or_unspecified(p: std::io::Result<SocketAddr>) -> SocketAddr {
+    p.unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
