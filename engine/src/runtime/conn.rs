@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tarta_proto::mqtt::{self, Connect};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Reads that make progress before the task yields to others.
 const BUDGET: u32 = 16;
@@ -280,7 +280,7 @@ pub fn adopt(rt: &Rc<Rt>, h: Box<Handoff>) {
     // SAFETY: `fd` is a connected TCP socket we own.
     let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
     let conn = rt.shard.new_conn(peer);
-    info!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
+    debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
     glommio::spawn_local(run(
         rt.clone(),
         stream,

@@ -1,0 +1,345 @@
+//! Test harness: starts the real `tarta` binary on a free port, picks client
+//! ids by home shard, and offers two clients: rumqttc (a real third-party
+//! client) and `Raw`, a byte-level client built on Tarta's codec for the
+//! cases a well-behaved client cannot produce.
+
+use bytes::BytesMut;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tarta_proto::mqtt::{self, Connect, Packet, Properties, Protocol};
+
+pub const SHARDS: usize = 2;
+
+pub struct Broker {
+    pub child: Child,
+    pub port: u16,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Broker {
+        Self::start_cmd(Command::new(env!("CARGO_BIN_EXE_tarta")), extra)
+    }
+
+    /// Starts `cmd` (the tarta binary, or a shell that execs it) with the
+    /// standard test flags plus `extra`.
+    pub fn start_cmd(mut cmd: Command, extra: &[&str]) -> Broker {
+        let dir =
+            std::env::temp_dir().join(format!("tarta-e2e-{}-{}", std::process::id(), rand_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        cmd.args(["--tcp", "127.0.0.1:0", "--shards", "2", "--no-pin"])
+            .args(["--sys-interval", "1", "--log", "debug"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        let mut child = cmd.spawn().expect("start tarta");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut port = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(addr) = line.strip_prefix("tarta listening mqtt/tcp ") {
+                port = addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+            if line.starts_with("tarta started") {
+                break;
+            }
+        }
+        assert!(port != 0, "tarta did not report its port");
+        // Keep draining stdout so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Broker {
+            child,
+            port,
+            stderr_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+/// A client id starting with `prefix` whose home is `shard`.
+pub fn id_on(shard: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| tarta::home_shard(id, SHARDS) == shard)
+        .unwrap()
+}
+
+// ---------------------------------------------------------------- rumqttc
+
+pub mod rq {
+    use super::*;
+    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet as RPacket, Publish};
+    use tokio::sync::mpsc;
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub rx: mpsc::UnboundedReceiver<Event>,
+        pub task: tokio::task::JoinHandle<Option<String>>,
+    }
+
+    pub fn opts(port: u16, id: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(4 << 20, 4 << 20);
+        o
+    }
+
+    /// Connects and waits for the CONNACK; events flow into `rx`. The
+    /// event loop stops at the first error (reported by `task`).
+    pub async fn connect(o: MqttOptions) -> Client {
+        let (client, eventloop) = AsyncClient::new(o, 1000);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(drive(eventloop, tx));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Event::Incoming(RPacket::ConnAck(_)))) => break,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("connection failed: {:?}", task.await),
+                Err(_) => panic!("no CONNACK within 10 s"),
+            }
+        }
+        Client { client, rx, task }
+    }
+
+    async fn drive(mut el: EventLoop, tx: mpsc::UnboundedSender<Event>) -> Option<String> {
+        loop {
+            match el.poll().await {
+                Ok(ev) => {
+                    if tx.send(ev).is_err() {
+                        return None;
+                    }
+                }
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+    }
+
+    impl Client {
+        /// Subscribes and waits for the SUBACK; returns its return codes.
+        pub async fn subscribe(
+            &mut self,
+            filter: &str,
+            qos: rumqttc::QoS,
+        ) -> Vec<rumqttc::SubscribeReasonCode> {
+            self.client.subscribe(filter, qos).await.unwrap();
+            loop {
+                match self.next_event(Duration::from_secs(10)).await {
+                    Some(Event::Incoming(RPacket::SubAck(s))) => return s.return_codes,
+                    Some(_) => {}
+                    None => panic!("no SUBACK for {filter}"),
+                }
+            }
+        }
+
+        pub async fn next_event(&mut self, within: Duration) -> Option<Event> {
+            tokio::time::timeout(within, self.rx.recv())
+                .await
+                .ok()
+                .flatten()
+        }
+
+        /// The next PUBLISH received within `within`.
+        pub async fn next_publish(&mut self, within: Duration) -> Option<Publish> {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self.next_event(left).await {
+                    Some(Event::Incoming(RPacket::Publish(p))) => return Some(p),
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        }
+
+        /// Every PUBLISH received until `quiet` passes without one.
+        pub async fn drain_publishes(&mut self, quiet: Duration) -> Vec<Publish> {
+            let mut v = Vec::new();
+            while let Some(p) = self.next_publish(quiet).await {
+                v.push(p);
+            }
+            v
+        }
+
+        /// Waits until an outgoing packet has been acknowledged (PUBACK/PUBCOMP).
+        pub async fn wait_ack(&mut self) {
+            loop {
+                match self.next_event(Duration::from_secs(10)).await {
+                    Some(Event::Incoming(RPacket::PubAck(_)))
+                    | Some(Event::Incoming(RPacket::PubComp(_))) => return,
+                    Some(_) => {}
+                    None => panic!("no PUBACK/PUBCOMP"),
+                }
+            }
+        }
+
+        pub async fn disconnect(self) {
+            let _ = self.client.disconnect().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw
+
+/// A byte-level MQTT client on a blocking socket.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: BytesMut,
+    pub protocol: Protocol,
+}
+
+pub fn connect_packet(protocol: Protocol, id: &str, clean: bool, keep_alive: u16) -> Connect {
+    Connect {
+        protocol,
+        clean_start: clean,
+        keep_alive,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    }
+}
+
+impl Raw {
+    pub fn open(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw {
+            s,
+            buf: BytesMut::new(),
+            protocol: Protocol::V311,
+        }
+    }
+
+    /// Opens a connection and sends `c`; returns the CONNACK.
+    pub fn connect(port: u16, c: Connect) -> (Raw, mqtt::ConnAck) {
+        let mut r = Raw::open(port);
+        r.protocol = c.protocol;
+        r.send(&Packet::Connect(Box::new(c)));
+        match r.recv() {
+            Some(Packet::ConnAck(a)) => (r, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, p: &Packet) {
+        let mut b = BytesMut::new();
+        mqtt::encode(p, self.protocol, &mut b);
+        self.s.write_all(&b).unwrap();
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// The next packet, or None if the server closed the connection (or
+    /// nothing arrived within the read timeout).
+    pub fn recv(&mut self) -> Option<Packet> {
+        loop {
+            if let Some(p) = mqtt::decode(&mut self.buf, self.protocol, u32::MAX).unwrap() {
+                return Some(p);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the packets seen and whether
+    /// it did close within `within`.
+    pub fn until_closed(&mut self, within: Duration) -> (Vec<Packet>, bool) {
+        self.s.set_read_timeout(Some(within)).unwrap();
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            if let Ok(Some(p)) = mqtt::decode(&mut self.buf, self.protocol, u32::MAX) {
+                seen.push(p);
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return (seen, true),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (seen, true),
+                Err(_) => return (seen, start.elapsed() < within),
+            }
+        }
+    }
+}
+
+/// Reads a `$SYS` counter summed over shards, via a raw subscriber.
+pub fn sys_counter(port: u16, name: &str) -> u64 {
+    let (mut r, _) = Raw::connect(
+        port,
+        connect_packet(Protocol::V311, &format!("sys-{}", rand_u64()), true, 0),
+    );
+    r.send(&Packet::Subscribe(mqtt::Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            format!("$SYS/tarta/shard/+/{name}").as_str().into(),
+            Default::default(),
+        )],
+        properties: Properties::default(),
+    }));
+    let mut total = 0;
+    let mut got = 0;
+    r.s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    while got < SHARDS {
+        match r.recv() {
+            Some(Packet::Publish(p)) => {
+                total += std::str::from_utf8(&p.payload)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap();
+                got += 1;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    total
+}
