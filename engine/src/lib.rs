@@ -21,3 +21,41 @@ pub mod session;
 pub mod wheel;
 
 pub use broker::home_shard;
+
+#[cfg(test)]
+mod layering {
+    //! Architecture invariants that a grep can check.
+
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// glommio is used only by `runtime` (one module to change if we move
+    /// runtimes); the protocol core and the broker logic do no I/O.
+    #[test]
+    fn glommio_only_in_the_runtime_layer() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        rust_files(&root.join("src"), &mut files);
+        rust_files(&root.join("proto/src"), &mut files);
+        assert!(files.len() > 10);
+        for f in files {
+            if f.components().any(|c| c.as_os_str() == "runtime") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            let uses = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains("glommio::") || l.contains("use glommio"));
+            assert!(!uses, "{} uses glommio outside runtime/", f.display());
+        }
+    }
+}

@@ -142,7 +142,7 @@ start_sub() {
         fi
         sleep 0.05
     done
-    until grep -q " interop/sync/$name ping" "$out" 2>/dev/null; do
+    until grep -q " interop/sync/$name " "$out" 2>/dev/null; do
         if ! alive "$SUB_PID"; then
             WHY="$name: mosquitto_sub exited early: $(tr '\n' ' ' <"$out.err")"
             return 1

@@ -259,9 +259,8 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         let mut cs = conn.state.borrow_mut();
         cs.connected = true;
         cs.client_id = client_id.clone();
-        cs.username = c.username.clone();
         cs.session = Some(sid);
-        cs.will = c.will.clone();
+        cs.will = c.will.clone().map(Box::new);
         cs.max_packet_out = if v5 {
             c.properties.maximum_packet_size().unwrap_or(0)
         } else {
@@ -524,6 +523,7 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
         }
     }
     if let Some(w) = will.filter(|_| why.publishes_will() && will_allowed) {
+        let w = *w;
         let mut properties = w.properties;
         properties.remove(0x18); // Will Delay Interval is not a PUBLISH property
         let msg = Arc::new(Message {

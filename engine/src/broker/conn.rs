@@ -174,10 +174,10 @@ pub struct ConnState {
     pub protocol: Protocol,
     pub connected: bool,
     pub client_id: ByteStr,
-    pub username: Option<ByteStr>,
     /// Session slot on this shard once connected.
     pub session: Option<usize>,
-    pub will: Option<Will>,
+    /// Boxed: most clients have none, and every connection pays for the field.
+    pub will: Option<Box<Will>>,
     /// 5.0: the largest packet the client accepts (0 = no limit).
     pub max_packet_out: u32,
 }
@@ -215,7 +215,6 @@ impl Conn {
                 protocol: Protocol::V311,
                 connected: false,
                 client_id: ByteStr::default(),
-                username: None,
                 session: None,
                 will: None,
                 max_packet_out: 0,

@@ -16,7 +16,7 @@ use crate::broker::{home_shard, Handoff, ShardMsg};
 use bytes::{Bytes, BytesMut};
 use futures_lite::io::AsyncWrite;
 use glommio::net::TcpStream;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
@@ -48,29 +48,81 @@ pub struct Initial {
     pub rest: Bytes,
 }
 
-pub async fn run(rt: Rc<Rt>, stream: TcpStream, conn: Rc<Conn>, initial: Option<Initial>) {
+/// A connection's task, written by hand so that its future stays small:
+/// an idle connection costs this struct, its `Conn` and its session.
+pub struct ConnTask {
+    rt: Rc<Rt>,
+    conn: Rc<Conn>,
+    io: Option<Io>,
+    /// An outcome decided before the first poll (adopted connections).
+    early: Option<Box<Outcome>>,
+    /// The closing sequence, boxed: rare, and it holds a timer.
+    closing: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+pub fn run(rt: Rc<Rt>, stream: TcpStream, conn: Rc<Conn>, initial: Option<Initial>) -> ConnTask {
     let mut io = Io {
         stream,
         partial: BytesMut::new(),
     };
-    let mut early = None;
-    if let Some(init) = initial {
-        match client::connect(&rt.shard, &conn, init.connect) {
-            Flow::Close(why) => early = Some(Outcome::Close(why)),
-            Flow::Continue | Flow::Handoff(_) => {
-                if !init.rest.is_empty() {
-                    early = io.process(&rt, &conn, BytesMut::from(&init.rest[..]));
+    let early = initial
+        .and_then(|init| start_adopted(&rt, &conn, &mut io, init))
+        .map(Box::new);
+    ConnTask {
+        rt,
+        conn,
+        io: Some(io),
+        early,
+        closing: None,
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            if let Some(f) = &mut this.closing {
+                return f.as_mut().poll(cx);
+            }
+            let Some(io) = &mut this.io else {
+                return Poll::Ready(());
+            };
+            let outcome = match this.early.take() {
+                Some(o) => *o,
+                None => match io.poll(cx, &this.rt, &this.conn) {
+                    Poll::Ready(o) => o,
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            let Some(io) = this.io.take() else {
+                return Poll::Ready(());
+            };
+            match outcome {
+                Outcome::Close(why) => {
+                    this.closing = Some(Box::pin(close(
+                        this.rt.clone(),
+                        io,
+                        this.conn.clone(),
+                        why,
+                    )));
+                }
+                Outcome::Handoff(connect, rest) => {
+                    handoff(&this.rt, io, &this.conn, connect, rest);
+                    return Poll::Ready(());
                 }
             }
         }
     }
-    let outcome = match early {
-        Some(o) => o,
-        None => poll_fn(|cx| io.poll(cx, &rt, &conn)).await,
-    };
-    match outcome {
-        Outcome::Close(why) => close(&rt, io, &conn, why).await,
-        Outcome::Handoff(connect, rest) => handoff(&rt, io, &conn, connect, rest),
+}
+
+/// Replays the CONNECT (and any bytes after it) of a handed-off connection.
+fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option<Outcome> {
+    match client::connect(&rt.shard, conn, init.connect) {
+        Flow::Close(why) => Some(Outcome::Close(why)),
+        Flow::Continue | Flow::Handoff(_) if init.rest.is_empty() => None,
+        Flow::Continue | Flow::Handoff(_) => io.process(rt, conn, BytesMut::from(&init.rest[..])),
     }
 }
 
@@ -215,7 +267,7 @@ fn sendmsg(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
-async fn close(rt: &Rt, mut io: Io, conn: &Rc<Conn>, why: CloseReason) {
+async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     let client_id = conn.state.borrow().client_id.clone();
     if why.is_bad_input() {
         Metrics::inc(&rt.shard.metrics.closed_bad_input);
@@ -223,13 +275,13 @@ async fn close(rt: &Rt, mut io: Io, conn: &Rc<Conn>, why: CloseReason) {
     } else {
         debug!(shard = rt.shard.id, peer = %conn.peer, client_id = %client_id, reason = ?why, "closing connection");
     }
-    client::server_disconnect(conn, &why);
-    client::on_closed(&rt.shard, conn, &why);
+    client::server_disconnect(&conn, &why);
+    client::on_closed(&rt.shard, &conn, &why);
     // Flush what is queued (CONNACK refusals, DISCONNECT), for a short while.
     let flushed = glommio::timer::timeout(Duration::from_secs(1), async {
         poll_fn(|cx| {
             conn.set_waker(cx.waker());
-            match io.flush(cx, conn) {
+            match io.flush(cx, &conn) {
                 Err(_) => Poll::Ready(()),
                 Ok(()) if conn.out.borrow().is_empty() => Poll::Ready(()),
                 Ok(()) => Poll::Pending,
@@ -270,13 +322,13 @@ fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes) {
 }
 
 /// Starts a connection handed to this shard by another.
-pub fn adopt(rt: &Rc<Rt>, h: Box<Handoff>) {
+pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
     let Handoff {
         fd,
         peer,
         connect,
         rest,
-    } = *h;
+    } = h;
     // SAFETY: `fd` is a connected TCP socket we own.
     let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
     let conn = rt.shard.new_conn(peer);

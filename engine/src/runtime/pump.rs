@@ -39,7 +39,7 @@ pub async fn mesh_pump(rt: Rc<Rt>) {
                 }
             }
             for h in handoffs {
-                conn::adopt(&rt, h);
+                conn::adopt(&rt, *h);
             }
             let mut full = false;
             {
