@@ -51,10 +51,12 @@ mod layering {
                 continue;
             }
             let text = std::fs::read_to_string(&f).unwrap();
+            // Built at run time so this file does not match itself.
+            let (path, import) = (["glommio", "::"].concat(), ["use ", "glommio"].concat());
             let uses = text
                 .lines()
                 .filter(|l| !l.trim_start().starts_with("//"))
-                .any(|l| l.contains("glommio::") || l.contains("use glommio"));
+                .any(|l| l.contains(&path) || l.contains(&import));
             assert!(!uses, "{} uses glommio outside runtime/", f.display());
         }
     }
