@@ -9,6 +9,7 @@
 //! - [`ByteStr`]: validated MQTT UTF-8 strings as `Bytes` slices.
 //! - [`topic`]: topic names and filters (parse, don't validate) and the reference matcher.
 //! - [`index`]: the topic trie mapping (filter, key) to values, matched per published topic.
+//! - [`ws`]: MQTT over WebSocket: upgrade handshake, frame decoding with in-place unmasking.
 //! - [`acl`]: Mosquitto `acl_file` access control lists, resolved per client.
 
 pub mod acl;
@@ -16,5 +17,6 @@ mod bytestr;
 pub mod index;
 pub mod mqtt;
 pub mod topic;
+pub mod ws;
 
 pub use bytestr::{ByteStr, InvalidString};
