@@ -3,8 +3,9 @@
 
 use clap::Parser;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use tarta_proto::ws::HandshakeConfig;
 
 /// Command-line flags. Flags override the file given with `--config`.
 #[derive(Debug, Parser)]
@@ -17,9 +18,17 @@ pub struct Cli {
     /// TOML configuration file (see docs/CONFIG.md).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// MQTT over TCP listener address (repeatable). Default 127.0.0.1:1883.
+    /// MQTT over TCP listener address (repeatable). Default 127.0.0.1:1883
+    /// (when no listener is given at all).
     #[arg(long = "tcp", value_name = "ADDR")]
     pub tcp: Vec<SocketAddr>,
+    /// MQTT over WebSocket listener address (repeatable). Default
+    /// 127.0.0.1:8083 (when no listener is given at all).
+    #[arg(long = "ws", value_name = "ADDR")]
+    pub ws: Vec<SocketAddr>,
+    /// WebSocket path (default /mqtt).
+    #[arg(long = "ws-path", value_name = "PATH")]
+    pub ws_path: Option<String>,
     /// Number of shards (one executor thread each). Default: CPUs available.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
@@ -45,6 +54,12 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub tcp: Option<Vec<SocketAddr>>,
+    pub ws: Option<Vec<SocketAddr>>,
+    pub ws_path: Option<String>,
+    pub ws_require_subprotocol: Option<bool>,
+    pub ws_origins: Option<Vec<String>>,
+    pub ws_trusted_proxies: Option<Vec<IpAddr>>,
+    pub ws_max_request: Option<usize>,
     pub shards: Option<usize>,
     pub pin: Option<bool>,
     pub acl_file: Option<PathBuf>,
@@ -65,6 +80,9 @@ pub struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tcp: Vec<SocketAddr>,
+    pub ws: Vec<SocketAddr>,
+    /// WebSocket handshake rules (path, subprotocols, origins, proxies).
+    pub ws_handshake: HandshakeConfig,
     pub shards: usize,
     pub pin: bool,
     pub acl_file: Option<PathBuf>,
@@ -105,12 +123,27 @@ impl Config {
             None => FileConfig::default(),
         };
         let cpus = crate::runtime::available_cpus().len().max(1);
+        // Listeners: flags replace the file's; the defaults apply only when
+        // no listener is configured anywhere.
+        let (mut tcp, mut ws) = if cli.tcp.is_empty() && cli.ws.is_empty() {
+            (file.tcp.unwrap_or_default(), file.ws.unwrap_or_default())
+        } else {
+            (cli.tcp, cli.ws)
+        };
+        if tcp.is_empty() && ws.is_empty() {
+            tcp.push(SocketAddr::from(([127, 0, 0, 1], 1883)));
+            ws.push(SocketAddr::from(([127, 0, 0, 1], 8083)));
+        }
+        let defaults = HandshakeConfig::default();
         let cfg = Config {
-            tcp: if !cli.tcp.is_empty() {
-                cli.tcp
-            } else {
-                file.tcp
-                    .unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 1883))])
+            tcp,
+            ws,
+            ws_handshake: HandshakeConfig {
+                path: cli.ws_path.or(file.ws_path).unwrap_or(defaults.path),
+                require_subprotocol: file.ws_require_subprotocol.unwrap_or(false),
+                origins: file.ws_origins.unwrap_or_default(),
+                trusted_proxies: file.ws_trusted_proxies.unwrap_or_default(),
+                max_request: file.ws_max_request.unwrap_or(defaults.max_request),
             },
             shards: cli.shards.or(file.shards).unwrap_or(cpus),
             pin: !cli.no_pin && file.pin.unwrap_or(true),
@@ -135,8 +168,11 @@ impl Config {
         if self.shards == 0 || self.shards > 1024 {
             return Err(format!("shards must be 1..=1024, got {}", self.shards));
         }
-        if self.tcp.is_empty() {
-            return Err("no listener configured".into());
+        if !self.ws_handshake.path.starts_with('/') {
+            return Err(format!(
+                "ws_path must start with '/', got {:?}",
+                self.ws_handshake.path
+            ));
         }
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".into());

@@ -241,7 +241,16 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
         let c = Cli::try_parse_from([
-            "loadgen", "fanout", "-p", "2", "-s", "5", "--qos", "1", "--protocol", "5",
+            "loadgen",
+            "fanout",
+            "-p",
+            "2",
+            "-s",
+            "5",
+            "--qos",
+            "1",
+            "--protocol",
+            "5",
         ])
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Fanout { .. }));

@@ -182,17 +182,15 @@ impl Client {
         let source = if s.source_ips.is_empty() {
             None
         } else {
-            Some(IpAddr::V4(s.source_ips[(k % s.source_ips.len() as u64) as usize]))
+            Some(IpAddr::V4(
+                s.source_ips[(k % s.source_ips.len() as u64) as usize],
+            ))
         };
         let sock = connect_socket(s.addr, source).map_err(|e| io_reason(&e))?;
         // SAFETY: a connecting TCP socket we own; glommio owns it from here.
         let stream = unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) };
         let role = s.scenario.role(k);
-        let protocol = if s.v5 {
-            Protocol::V5
-        } else {
-            Protocol::V311
-        };
+        let protocol = if s.v5 { Protocol::V5 } else { Protocol::V311 };
         let now_ms = started_ns / 1_000_000;
         let mut c = Client {
             stream,
@@ -328,6 +326,10 @@ impl Client {
             self.st = St::Closing;
             self.deadline_ms = now_ms + CLOSE_MS;
         }
+        if !self.tcp_up {
+            // The first write completes the TCP connect.
+            self.flush(cx, now_ms)?;
+        }
         let mut exhausted = false;
         if self.tcp_up && self.st != St::Closing {
             exhausted = true;
@@ -342,7 +344,9 @@ impl Client {
                             St::Connecting if self.ws.is_some() => {
                                 "closed by broker during WebSocket upgrade".into()
                             }
-                            St::Connecting | St::ConnAck => "closed by broker before CONNACK".into(),
+                            St::Connecting | St::ConnAck => {
+                                "closed by broker before CONNACK".into()
+                            }
                             St::SubAck => "closed by broker before SUBACK".into(),
                             _ => "closed by broker".into(),
                         });
@@ -654,7 +658,10 @@ impl Client {
             })),
             Packet::PingResp => self.ping_sent_ms = 0,
             Packet::Disconnect(d) => {
-                return Err(format!("DISCONNECT from broker (reason 0x{:02x})", d.reason))
+                return Err(format!(
+                    "DISCONNECT from broker (reason 0x{:02x})",
+                    d.reason
+                ))
             }
             Packet::ConnAck(_) => return Err("unexpected CONNACK".into()),
             _ => {}
@@ -737,7 +744,10 @@ impl Client {
         let pid0 = u64::from(a.packet_id - 1);
         let seq = p.base + (pid0 + 65535 - p.base % 65535) % 65535;
         if seq >= p.seq {
-            return Err(format!("acknowledgement for unknown packet id {}", a.packet_id));
+            return Err(format!(
+                "acknowledgement for unknown packet id {}",
+                a.packet_id
+            ));
         }
         let slot = (seq % window) as usize;
         let expect = if kind == 3 { 2 } else { 1 };
@@ -789,7 +799,14 @@ impl Client {
             return Ok(());
         }
         if p.start_ns == 0 {
-            p.start_ns = now;
+            // Spread publishers over the send period (golden-ratio offsets)
+            // instead of having them all fire on the same tick.
+            let period = if s.rate > 0.0 { 1e9 / s.rate } else { 0.0 };
+            let frac = (f64::from(p.id) * 0.618_033_988_75).fract();
+            p.start_ns = now + (frac * period) as u64;
+        }
+        if now < p.start_ns {
+            return Ok(());
         }
         if p.inflight > 0
             && now / 1_000_000 > p.last_progress_ms + (s.ack_timeout_s * 1000.0) as u64
@@ -847,6 +864,9 @@ impl Client {
         if n > 0 {
             let mut l = ex.local.borrow_mut();
             l.sent += n;
+            if now >= ex.measure_start_ns.get() {
+                l.sent_window += n;
+            }
             if qos != QoS::AtMostOnce {
                 l.inflight += n;
             }
@@ -855,5 +875,20 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards the per-connection footprint (the `conn` scenario holds
+    /// thousands of these): the task future of an idle connection.
+    #[test]
+    fn connection_state_is_small() {
+        let client = std::mem::size_of::<Client>();
+        let stream = std::mem::size_of::<TcpStream>();
+        eprintln!("Client {client} B (of which TcpStream {stream} B)");
+        assert!(client <= 512, "Client is {client} B");
     }
 }

@@ -148,7 +148,7 @@ impl Report {
             ),
         );
         for (k, v) in &self.failures_by_reason {
-            row("  connect failure", format!("{}: {k}", thousands(*v)));
+            row("  setup failure", format!("{}: {k}", thousands(*v)));
         }
         for (k, v) in &self.errors_by_reason {
             row("  error", format!("{}: {k}", thousands(*v)));

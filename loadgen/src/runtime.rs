@@ -17,7 +17,7 @@ use crate::stats::{DeliveryTotals, Latency, Tracker};
 use bytes::{Bytes, BytesMut};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +71,10 @@ pub struct Shared {
     /// The `$share` group's streams, one tracker per publisher.
     pub group: Mutex<Vec<Tracker>>,
     pub zero_payload: Bytes,
+    /// Executors that have started; they connect once `connect_go` is set
+    /// (so the worker can measure its RSS before any connection exists).
+    pub started: AtomicU64,
+    pub connect_go: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -92,6 +96,8 @@ impl Shared {
             interval: Mutex::new(Latency::new()),
             group: Mutex::new(group),
             zero_payload,
+            started: AtomicU64::new(0),
+            connect_go: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -103,6 +109,7 @@ pub struct Local {
     pub failed: u64,
     pub settled: u64,
     pub sent: u64,
+    pub sent_window: u64,
     pub acked: u64,
     pub received: u64,
     /// Deliveries of messages sent inside the measurement window.
@@ -162,8 +169,6 @@ pub struct Exec {
     pub connecting: Cell<u64>,
     rng: Cell<u64>,
     pub prefix: String,
-    /// Topic of every publisher of this run, interned per executor.
-    pub topics: RefCell<HashMap<u32, tarta_proto::ByteStr>>,
 }
 
 impl Exec {
@@ -181,10 +186,9 @@ impl Exec {
             active: Cell::new(0),
             connecting: Cell::new(0),
             rng: Cell::new(
-                now_ns() ^ (u64::from(settings.run_id) << 32) ^ (thread as u64 + 1) * 0x9E37_79B9,
+                now_ns() ^ (u64::from(settings.run_id) << 32) ^ ((thread as u64 + 1) * 0x9E37_79B9),
             ),
             prefix,
-            topics: RefCell::new(HashMap::new()),
             settings,
             shared,
         }
@@ -215,14 +219,18 @@ impl Exec {
     }
 
     fn wake_due(&self, now_ms: u64, all: bool) {
+        if all {
+            // Wake everyone but keep the entries: each connection believes
+            // its deadline is registered and will not register it again.
+            let wakers: Vec<Waker> = self.wheel.borrow().values().flatten().cloned().collect();
+            for w in wakers {
+                w.wake();
+            }
+        }
         let due = {
             let mut w = self.wheel.borrow_mut();
-            if all {
-                std::mem::take(&mut *w)
-            } else {
-                let later = w.split_off(&(now_ms + 1));
-                std::mem::replace(&mut *w, later)
-            }
+            let later = w.split_off(&(now_ms + 1));
+            std::mem::replace(&mut *w, later)
         };
         for (_, wakers) in due {
             for w in wakers {
@@ -257,6 +265,8 @@ impl Exec {
 async fn tick(ex: Rc<Exec>, fast: bool, done: Rc<Cell<bool>>) {
     let period = Duration::from_millis(if fast { 1 } else { 10 });
     let mut last_publish = 0;
+    // LOADGEN_DEBUG=1: one line per executor and second on stderr.
+    let debug = std::env::var_os("LOADGEN_DEBUG").is_some();
     while !done.get() {
         glommio::timer::sleep(period).await;
         let shared_phase = ex.shared.phase.load(Ordering::Acquire);
@@ -264,11 +274,21 @@ async fn tick(ex: Rc<Exec>, fast: bool, done: Rc<Cell<bool>>) {
         if changed {
             ex.measure_start_ns
                 .set(ex.shared.measure_start_ns.load(Ordering::Acquire));
-            ex.pub_end_ns.set(ex.shared.pub_end_ns.load(Ordering::Acquire));
+            ex.pub_end_ns
+                .set(ex.shared.pub_end_ns.load(Ordering::Acquire));
             ex.phase.set(shared_phase);
         }
         let now_ms = now_ns() / 1_000_000;
         ex.wake_due(now_ms, changed);
+        if debug && now_ms / 1000 != last_publish / 1000 {
+            eprintln!(
+                "tick t{} phase {} active {} wheel {}",
+                ex.thread,
+                ex.phase.get(),
+                ex.active.get(),
+                ex.wheel.borrow().len()
+            );
+        }
         if now_ms >= last_publish + 50 {
             last_publish = now_ms;
             ex.publish();
@@ -290,6 +310,10 @@ async fn exec_main(shared: Arc<Shared>, thread: usize) -> Local {
         .any(|k| matches!(s.scenario.role(*k), crate::plan::Role::Pub { .. }));
     let done = Rc::new(Cell::new(false));
     glommio::spawn_local(tick(ex.clone(), has_publisher, done.clone())).detach();
+    ex.shared.started.fetch_add(1, Ordering::AcqRel);
+    while !ex.shared.connect_go.load(Ordering::Acquire) {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
 
     // Connect at this executor's share of --connect-rate, with at most
     // --connect-concurrency attempts in progress.
@@ -321,6 +345,9 @@ async fn exec_main(shared: Arc<Shared>, thread: usize) -> Local {
     }
     while !(ex.phase() == CLOSE && ex.active.get() == 0) {
         glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    if std::env::var_os("LOADGEN_DEBUG").is_some() {
+        eprintln!("exec {} done", ex.thread);
     }
     done.set(true);
     glommio::timer::sleep(Duration::from_millis(15)).await;

@@ -43,6 +43,8 @@ pub struct WorkerResult {
     pub subs_ok: u64,
     pub subs_refused: u64,
     pub sent: u64,
+    /// Publishes sent inside the measurement window.
+    pub sent_window: u64,
     pub acked: u64,
     pub received: u64,
     pub received_window: u64,
@@ -56,7 +58,7 @@ pub struct WorkerResult {
     pub first_connect_ns: u64,
     pub last_connected_ns: u64,
     pub rss_kb: u64,
-    /// Peak RSS and RSS with every connection open, for per-connection cost.
+    /// RSS growth from start-up to every connection open (per-connection cost).
     pub rss_ready_kb: u64,
 }
 
@@ -126,6 +128,15 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    // Baseline RSS once the executors run, before any connection.
+    for _ in 0..5000 {
+        if shared.started.load(Ordering::Acquire) >= shared.settings.threads as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let rss_base_kb = crate::procfs::self_rss_kb();
+    shared.connect_go.store(true, Ordering::Release);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
@@ -173,7 +184,7 @@ pub fn main() -> i32 {
         emit("progress", &p);
         if !ready_sent && p.settled >= clients {
             ready_sent = true;
-            rss_ready_kb = crate::procfs::self_rss_kb();
+            rss_ready_kb = crate::procfs::self_rss_kb().saturating_sub(rss_base_kb);
             emit("ready", &p);
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -229,6 +240,7 @@ fn merge(clients: u64, locals: Vec<Local>) -> WorkerResult {
         r.subs_ok += l.subs_ok;
         r.subs_refused += l.subs_refused;
         r.sent += l.sent;
+        r.sent_window += l.sent_window;
         r.acked += l.acked;
         r.received += l.received;
         r.received_window += l.received_window;

@@ -307,13 +307,16 @@ mod tests {
         // RFC 6455 section 1.3: key "dGhlIHNhbXBsZSBub25jZQ==".
         let nonce: [u8; 16] = *b"the sample nonce";
         assert_eq!(base64(&nonce), "dGhlIHNhbXBsZSBub25jZQ==");
-        assert_eq!(accept_key(&nonce), "s3pPLMBiTxaAlxfk01qHXMJ+xOo=");
+        assert_eq!(accept_key(&nonce), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
     fn sha1_vectors() {
         let hex = |b: [u8; 20]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        assert_eq!(hex(sha1(b"abc")), "a9993e364706816aba3e25717850c26c9cd0d89d");
+        assert_eq!(
+            hex(sha1(b"abc")),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
         assert_eq!(hex(sha1(b"")), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
         let long = vec![b'a'; 1000];
         assert_eq!(hex(sha1(&long)), "291e9a6c66994949b57ba5e650361e98fc36b1ba");
@@ -322,8 +325,11 @@ mod tests {
     #[test]
     fn response_check() {
         let nonce: [u8; 16] = *b"the sample nonce";
-        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaAlxfk01qHXMJ+xOo=\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n\x82\x02";
-        assert_eq!(check_response(ok, &nonce), Handshake::Accepted(ok.len() - 2));
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n\x82\x02";
+        assert_eq!(
+            check_response(ok, &nonce),
+            Handshake::Accepted(ok.len() - 2)
+        );
         assert_eq!(check_response(&ok[..20], &nonce), Handshake::Incomplete);
         let bad = b"HTTP/1.1 404 Not Found\r\n\r\n";
         assert!(matches!(check_response(bad, &nonce), Handshake::Refused(_)));

@@ -15,6 +15,8 @@ pub const SHARDS: usize = 2;
 pub struct Broker {
     pub child: Child,
     pub port: u16,
+    /// The MQTT over WebSocket port.
+    pub ws_port: u16,
     stderr_path: std::path::PathBuf,
 }
 
@@ -35,7 +37,8 @@ impl Broker {
         std::fs::create_dir_all(&dir).unwrap();
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        cmd.args(["--tcp", "127.0.0.1:0", "--shards", "2", "--no-pin"])
+        cmd.args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .args(["--shards", "2", "--no-pin"])
             .args(["--sys-interval", "1", "--log", "debug"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -43,11 +46,15 @@ impl Broker {
         let mut child = cmd.spawn().expect("start tarta");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let mut port = 0;
+        let (mut port, mut ws_port) = (0, 0);
         for line in lines.by_ref() {
             let line = line.unwrap();
+            let port_of = |addr: &str| addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
             if let Some(addr) = line.strip_prefix("tarta listening mqtt/tcp ") {
-                port = addr.rsplit(':').next().unwrap().parse().unwrap();
+                port = port_of(addr);
+            }
+            if let Some(addr) = line.strip_prefix("tarta listening mqtt/ws ") {
+                ws_port = port_of(addr);
             }
             if line.starts_with("tarta started") {
                 break;
@@ -59,6 +66,7 @@ impl Broker {
         Broker {
             child,
             port,
+            ws_port,
             stderr_path,
         }
     }
@@ -342,4 +350,156 @@ pub fn sys_counter(port: u16, name: &str) -> u64 {
         }
     }
     total
+}
+
+// ---------------------------------------------------------------- raw WebSocket
+
+/// A byte-level WebSocket client: exact control over the handshake,
+/// framing, masking and fragmentation.
+pub struct WsRaw {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+    mqtt: BytesMut,
+    pub protocol: Protocol,
+}
+
+pub fn ws_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// A masked client frame.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+    let len = payload.len();
+    if len < 126 {
+        v.push(0x80 | len as u8);
+    } else if len <= 65535 {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    v.extend_from_slice(&mask);
+    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    v
+}
+
+pub fn encode(p: &Packet, protocol: Protocol) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    mqtt::encode(p, protocol, &mut b);
+    b.to_vec()
+}
+
+impl WsRaw {
+    /// Sends `request`; returns the client and the response head.
+    pub fn handshake(port: u16, request: &str) -> (WsRaw, String) {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => break buf.len(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let c = WsRaw {
+            s,
+            buf,
+            mqtt: BytesMut::new(),
+            protocol: Protocol::V311,
+        };
+        (c, head)
+    }
+
+    /// Upgrades with subprotocol `mqtt` and sends `c` in one frame; returns the CONNACK.
+    pub fn connect(port: u16, c: Connect) -> (WsRaw, mqtt::ConnAck) {
+        let (mut ws, head) = WsRaw::handshake(
+            port,
+            &ws_request("/mqtt", "Sec-WebSocket-Protocol: mqtt\r\n"),
+        );
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        ws.protocol = c.protocol;
+        ws.send_frame(
+            0x2,
+            true,
+            &encode(&Packet::Connect(Box::new(c)), ws.protocol),
+        );
+        match ws.recv() {
+            Some(Packet::ConnAck(a)) => (ws, a),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn send_frame(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+        self.s
+            .write_all(&client_frame(opcode, fin, payload))
+            .unwrap();
+    }
+
+    /// The next server frame (opcode, payload), or None when closed.
+    pub fn recv_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
+                let (len, at) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
+                    127 if self.buf.len() >= 10 => (
+                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    n if n < 126 => (n as usize, 2),
+                    _ => (usize::MAX, 0),
+                };
+                if len != usize::MAX && self.buf.len() >= at + len {
+                    let op = self.buf[0] & 0x0f;
+                    let payload = self.buf[at..at + len].to_vec();
+                    self.buf.drain(..at + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next MQTT packet from binary frames (other frames are returned
+    /// as errors so tests see them).
+    pub fn recv(&mut self) -> Option<Packet> {
+        loop {
+            if let Some(p) = mqtt::decode(&mut self.mqtt, self.protocol, u32::MAX).unwrap() {
+                return Some(p);
+            }
+            match self.recv_frame()? {
+                (0x2, payload) | (0x0, payload) => self.mqtt.extend_from_slice(&payload),
+                (op, payload) => panic!("unexpected frame {op:#x} {payload:?}"),
+            }
+        }
+    }
+}
+
+/// rumqttc options for MQTT over WebSocket.
+pub fn rq_ws_opts(ws_port: u16, id: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, format!("ws://127.0.0.1:{ws_port}/mqtt"), ws_port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    o.set_transport(rumqttc::Transport::Ws);
+    o
 }

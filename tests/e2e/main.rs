@@ -11,3 +11,4 @@ mod errors;
 mod ops;
 mod pubsub;
 mod sessions;
+mod ws;

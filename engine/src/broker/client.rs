@@ -220,7 +220,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     if let Some(old_sid) = existing {
         if let Some(entry) = st.sessions.get_mut(old_sid) {
             if let Some(old) = entry.conn.take() {
-                info!(client_id = %client_id, old_peer = %old.peer, "session taken over");
+                info!(client_id = %client_id, old_peer = %old.peer.get(), "session taken over");
                 old.request_close(CloseReason::TakenOver);
             }
             if c.clean_start || !entry.session.persistent {

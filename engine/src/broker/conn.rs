@@ -35,6 +35,19 @@ pub enum CloseReason {
     NotAuthorized,
     /// CONNACK with a refusal code was sent.
     Refused,
+    /// WebSocket protocol violation: closed with this WS close code.
+    Ws {
+        code: u16,
+        what: &'static str,
+    },
+    /// The client sent a WebSocket close frame (without MQTT DISCONNECT).
+    WsClosed,
+    /// A plain HTTP request on the WebSocket port was answered (health
+    /// check, or a refused handshake with this status).
+    Http {
+        status: u16,
+        what: &'static str,
+    },
     Shutdown,
     /// Moved to the client id's home shard (not a close for the client).
     HandedOff,
@@ -57,6 +70,19 @@ impl CloseReason {
         })
     }
 
+    /// The WebSocket close code sent when the server closes for this reason.
+    pub fn ws_close_code(&self) -> u16 {
+        use tarta_proto::ws::close;
+        match self {
+            CloseReason::Ws { code, .. } => *code,
+            CloseReason::Shutdown => close::GOING_AWAY,
+            CloseReason::Malformed(_) | CloseReason::Protocol(_) => close::PROTOCOL_ERROR,
+            CloseReason::PacketTooLarge(_) => close::TOO_BIG,
+            CloseReason::NotAuthorized => close::POLICY,
+            _ => close::NORMAL,
+        }
+    }
+
     /// Bad input from the client (counted and logged).
     pub fn is_bad_input(&self) -> bool {
         matches!(
@@ -65,6 +91,7 @@ impl CloseReason {
                 | CloseReason::Protocol(_)
                 | CloseReason::PacketTooLarge(_)
                 | CloseReason::TopicAliasInvalid
+                | CloseReason::Ws { .. }
         )
     }
 
@@ -72,7 +99,10 @@ impl CloseReason {
     pub fn publishes_will(&self) -> bool {
         !matches!(
             self,
-            CloseReason::ClientDisconnect | CloseReason::HandedOff | CloseReason::Refused
+            CloseReason::ClientDisconnect
+                | CloseReason::HandedOff
+                | CloseReason::Refused
+                | CloseReason::Http { .. }
         )
     }
 }
@@ -140,6 +170,21 @@ impl OutQueue {
         n
     }
 
+    /// Moves everything queued in `other` to the end of this queue
+    /// (segments are moved, not copied).
+    pub fn append(&mut self, other: &mut OutQueue) {
+        if !self.tail.is_empty() {
+            self.segs.push_back(self.tail.split().freeze());
+        }
+        self.segs.append(&mut other.segs);
+        if !other.tail.is_empty() {
+            self.segs.push_back(other.tail.split().freeze());
+        }
+        other.tail = BytesMut::new();
+        self.queued += other.queued;
+        other.queued = 0;
+    }
+
     /// Drops `n` written bytes from the front.
     pub fn advance(&mut self, mut n: usize) {
         self.queued -= n.min(self.queued);
@@ -184,8 +229,16 @@ pub struct ConnState {
 
 pub struct Conn {
     pub id: u64,
-    pub peer: SocketAddr,
+    /// The client's address (as a trusted proxy reported it, for WebSocket).
+    pub peer: Cell<SocketAddr>,
     pub out: RefCell<OutQueue>,
+    /// Bytes the transport holds beyond `out` (framed WebSocket data).
+    pub wire_pending: Cell<usize>,
+    /// A SUBACK is held for route propagation: packets after the SUBSCRIBE
+    /// wait, so every answer goes out in order.
+    pub held: Cell<bool>,
+    /// Set when `held` clears: the task decodes what it kept back.
+    pub resumed: Cell<bool>,
     waker: Cell<Option<Waker>>,
     close: RefCell<Option<CloseReason>>,
     /// Shard second of the last packet received.
@@ -203,8 +256,11 @@ impl Conn {
     pub fn new(id: u64, peer: SocketAddr, now: u64) -> Self {
         Conn {
             id,
-            peer,
+            peer: Cell::new(peer),
             out: RefCell::new(OutQueue::default()),
+            wire_pending: Cell::new(0),
+            held: Cell::new(false),
+            resumed: Cell::new(false),
             waker: Cell::new(None),
             close: RefCell::new(None),
             last_heard: Cell::new(now),
@@ -220,6 +276,11 @@ impl Conn {
                 max_packet_out: 0,
             }),
         }
+    }
+
+    /// Bytes waiting to be written to this client.
+    pub fn queued(&self) -> usize {
+        self.out.borrow().len() + self.wire_pending.get()
     }
 
     pub fn set_waker(&self, w: &Waker) {

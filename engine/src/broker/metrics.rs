@@ -29,6 +29,9 @@ counters! {
     queue_dropped: "QoS 1/2 messages dropped because a session's queue bound was reached.",
     acl_denied: "PUBLISH and SUBSCRIBE requests denied by the ACL.",
     sessions: "Sessions (online and offline) homed on this shard.",
+    ws_upgrades: "WebSocket handshakes completed.",
+    ws_rejected: "WebSocket handshakes refused with an HTTP error status.",
+    http_health: "GET /health requests answered on WebSocket ports.",
 }
 
 impl Metrics {

@@ -30,6 +30,7 @@ use std::task::Waker;
 use tarta_proto::acl::{Acl, ClientAcl};
 use tarta_proto::index::TopicIndex;
 use tarta_proto::mqtt::{Connect, Packet, QoS, SubOptions};
+use tarta_proto::ws::FrameDecoder;
 use tarta_proto::ByteStr;
 
 /// What shards send each other (batched per destination).
@@ -52,8 +53,16 @@ pub struct Handoff {
     pub fd: OwnedFd,
     pub peer: SocketAddr,
     pub connect: Box<Connect>,
-    /// Bytes read after the CONNECT packet.
+    /// MQTT bytes read after the CONNECT packet.
     pub rest: Bytes,
+    /// For a WebSocket connection: the frame decoder's state and the raw
+    /// (still framed) bytes not yet decoded.
+    pub ws: Option<WsCarry>,
+}
+
+pub struct WsCarry {
+    pub decoder: FrameDecoder,
+    pub raw: Bytes,
 }
 
 /// The home shard of a client id: where its session lives. Stable and
@@ -325,8 +334,7 @@ impl Shard {
         }
         let r = match &entry.conn {
             Some(conn) => {
-                if d.qos == QoS::AtMostOnce && conn.out.borrow().len() >= self.cfg.max_queued_bytes
-                {
+                if d.qos == QoS::AtMostOnce && conn.queued() >= self.cfg.max_queued_bytes {
                     Metrics::inc(&self.metrics.qos0_dropped);
                     return;
                 }
@@ -385,6 +393,7 @@ impl Shard {
         }
         let min_acked = self.min_acked(st);
         if min_acked < st.route_seq {
+            conn.held.set(true);
             st.held.push(HeldSuback {
                 seq: st.route_seq,
                 conn: Rc::downgrade(conn),
@@ -413,6 +422,9 @@ impl Shard {
         suback: Packet,
         retained: Vec<Delivery>,
     ) {
+        if conn.held.replace(false) {
+            conn.resumed.set(true);
+        }
         if conn.is_closing() {
             return;
         }

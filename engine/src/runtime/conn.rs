@@ -8,22 +8,25 @@
 //! buffer); the bytes read are split off zero-copy and only an incomplete
 //! packet is copied into the connection's `partial`.
 
+use super::listener::Kind;
 use super::Rt;
 use crate::broker::client::{self, Flow};
-use crate::broker::conn::{CloseReason, Conn};
+use crate::broker::conn::{CloseReason, Conn, OutQueue};
 use crate::broker::metrics::Metrics;
-use crate::broker::{home_shard, Handoff, ShardMsg};
-use bytes::{Bytes, BytesMut};
+use crate::broker::{home_shard, Handoff, ShardMsg, WsCarry};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::io::AsyncWrite;
 use glommio::net::TcpStream;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tarta_proto::mqtt::{self, Connect};
+use tarta_proto::ws::{close, frame, handshake, FrameDecoder, Handshake, WsEvent};
 use tracing::{debug, warn};
 
 /// Reads that make progress before the task yields to others.
@@ -33,19 +36,33 @@ const IOV_MAX: usize = 64;
 
 enum Outcome {
     Close(CloseReason),
-    Handoff(Box<Connect>, Bytes),
+    Handoff(Box<Connect>, Bytes, Option<WsCarry>),
+}
+
+/// The WebSocket layer of a connection (boxed: TCP connections have none).
+struct Ws {
+    /// The HTTP upgrade is done; frames flow.
+    open: bool,
+    decoder: FrameDecoder,
+    /// Raw bytes not yet decoded (an incomplete request, header or control frame).
+    raw: BytesMut,
+    /// Framed bytes waiting to be written (MQTT data is framed at flush time).
+    wire: OutQueue,
+    close_sent: bool,
 }
 
 struct Io {
     stream: TcpStream,
-    /// An incomplete packet (empty, and unallocated, between packets).
+    /// An incomplete MQTT packet (empty, and unallocated, between packets).
     partial: BytesMut,
+    ws: Option<Box<Ws>>,
 }
 
 /// A connection already past CONNECT on another shard (handoff).
 pub struct Initial {
     pub connect: Box<Connect>,
     pub rest: Bytes,
+    pub ws: Option<WsCarry>,
 }
 
 /// A connection's task, written by hand so that its future stays small:
@@ -60,10 +77,26 @@ pub struct ConnTask {
     closing: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
 
-pub fn run(rt: Rc<Rt>, stream: TcpStream, conn: Rc<Conn>, initial: Option<Initial>) -> ConnTask {
+pub fn run(
+    rt: Rc<Rt>,
+    stream: TcpStream,
+    conn: Rc<Conn>,
+    kind: Kind,
+    initial: Option<Initial>,
+) -> ConnTask {
+    let ws = (kind == Kind::WebSocket).then(|| {
+        Box::new(Ws {
+            open: false,
+            decoder: FrameDecoder::new(u64::from(rt.shard.cfg.max_packet_size)),
+            raw: BytesMut::new(),
+            wire: OutQueue::default(),
+            close_sent: false,
+        })
+    });
     let mut io = Io {
         stream,
         partial: BytesMut::new(),
+        ws,
     };
     let early = initial
         .and_then(|init| start_adopted(&rt, &conn, &mut io, init))
@@ -101,15 +134,11 @@ impl Future for ConnTask {
             };
             match outcome {
                 Outcome::Close(why) => {
-                    this.closing = Some(Box::pin(close(
-                        this.rt.clone(),
-                        io,
-                        this.conn.clone(),
-                        why,
-                    )));
+                    this.closing =
+                        Some(Box::pin(close(this.rt.clone(), io, this.conn.clone(), why)));
                 }
-                Outcome::Handoff(connect, rest) => {
-                    handoff(&this.rt, io, &this.conn, connect, rest);
+                Outcome::Handoff(connect, rest, ws) => {
+                    handoff(&this.rt, io, &this.conn, connect, rest, ws);
                     return Poll::Ready(());
                 }
             }
@@ -119,10 +148,23 @@ impl Future for ConnTask {
 
 /// Replays the CONNECT (and any bytes after it) of a handed-off connection.
 fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option<Outcome> {
+    if let (Some(ws), Some(carry)) = (&mut io.ws, init.ws) {
+        ws.open = true;
+        ws.decoder = carry.decoder;
+        ws.raw = BytesMut::from(&carry.raw[..]);
+    }
     match client::connect(&rt.shard, conn, init.connect) {
-        Flow::Close(why) => Some(Outcome::Close(why)),
-        Flow::Continue | Flow::Handoff(_) if init.rest.is_empty() => None,
-        Flow::Continue | Flow::Handoff(_) => io.process(rt, conn, BytesMut::from(&init.rest[..])),
+        Flow::Close(why) => return Some(Outcome::Close(why)),
+        Flow::Continue | Flow::Handoff(_) => {}
+    }
+    if !init.rest.is_empty() {
+        if let Some(o) = process(&mut io.partial, rt, conn, BytesMut::from(&init.rest[..])) {
+            return Some(o);
+        }
+    }
+    match &io.ws {
+        Some(ws) if !ws.raw.is_empty() => io.ingest(rt, conn, BytesMut::new()),
+        _ => None,
     }
 }
 
@@ -138,7 +180,21 @@ impl Io {
                 debug!("write failed: {e}");
                 return Poll::Ready(Outcome::Close(CloseReason::PeerGone));
             }
-            if conn.out.borrow().len() >= max_queued {
+            if conn.held.get() {
+                // Waiting for a SUBACK to be released (woken then).
+                return Poll::Pending;
+            }
+            if conn.resumed.replace(false) {
+                // Decode what was kept back while the SUBACK was held.
+                if let Some(o) = process(&mut self.partial, rt, conn, BytesMut::new()) {
+                    return Poll::Ready(o);
+                }
+                if let Some(o) = self.ingest(rt, conn, BytesMut::new()) {
+                    return Poll::Ready(o);
+                }
+                continue;
+            }
+            if conn.queued() >= max_queued {
                 // The client is not reading: stop reading from it too. The
                 // pending write wakes us when the socket drains.
                 return Poll::Pending;
@@ -158,7 +214,7 @@ impl Io {
                     return Poll::Ready(Outcome::Close(CloseReason::PeerGone));
                 }
             };
-            if let Some(o) = self.process(rt, conn, data) {
+            if let Some(o) = self.ingest(rt, conn, data) {
                 return Poll::Ready(o);
             }
         }
@@ -179,74 +235,194 @@ impl Io {
         }
     }
 
-    /// Decodes and handles every complete packet in `data` (after what is
-    /// left over from earlier reads).
-    fn process(&mut self, rt: &Rt, conn: &Rc<Conn>, mut data: BytesMut) -> Option<Outcome> {
-        let use_partial = !self.partial.is_empty();
-        if use_partial {
-            self.partial.extend_from_slice(&data);
-        }
-        let buf = if use_partial {
-            &mut self.partial
-        } else {
-            &mut data
+    /// Bytes from the socket: MQTT directly, or through the WebSocket layer.
+    fn ingest(&mut self, rt: &Rt, conn: &Rc<Conn>, data: BytesMut) -> Option<Outcome> {
+        let Some(ws) = &mut self.ws else {
+            return process(&mut self.partial, rt, conn, data);
         };
-        let max = rt.shard.cfg.max_packet_size;
-        loop {
-            let protocol = conn.state.borrow().protocol;
-            match mqtt::decode(buf, protocol, max) {
-                Ok(Some(p)) => match client::on_packet(&rt.shard, conn, p) {
-                    Flow::Continue => {}
-                    Flow::Close(why) => {
-                        conn.request_close(why);
-                        break;
+        let mut raw = if ws.raw.is_empty() {
+            data
+        } else {
+            ws.raw.extend_from_slice(&data);
+            std::mem::take(&mut ws.raw)
+        };
+        if !ws.open && !upgrade(rt, conn, ws, &mut raw) {
+            return None;
+        }
+        while !conn.is_closing() && !conn.held.get() {
+            match ws.decoder.next(&mut raw) {
+                Ok(Some(WsEvent::Data(chunk))) => {
+                    if let Some(o) = process(&mut self.partial, rt, conn, chunk) {
+                        return Some(match o {
+                            Outcome::Handoff(c, rest, _) => {
+                                let carry = WsCarry {
+                                    decoder: ws.decoder.clone(),
+                                    raw: raw.split().freeze(),
+                                };
+                                Outcome::Handoff(c, rest, Some(carry))
+                            }
+                            close => close,
+                        });
                     }
-                    Flow::Handoff(c) => return Some(Outcome::Handoff(c, buf.split().freeze())),
-                },
-                Ok(None) => break,
-                Err(e) => {
-                    conn.request_close(client::on_decode_error(conn, &e));
-                    break;
                 }
+                Ok(Some(WsEvent::Ping(p))) => ws.wire.push_bytes(&frame::pong_frame(&p)),
+                Ok(Some(WsEvent::Pong)) => {}
+                Ok(Some(WsEvent::Close(code))) => {
+                    ws.wire
+                        .push_bytes(&frame::close_frame(code.unwrap_or(close::NORMAL), ""));
+                    ws.close_sent = true;
+                    conn.request_close(CloseReason::WsClosed);
+                }
+                Ok(None) => break,
+                Err(e) => conn.request_close(CloseReason::Ws {
+                    code: e.code,
+                    what: e.what,
+                }),
             }
         }
-        if use_partial {
-            if self.partial.is_empty() {
-                self.partial = BytesMut::new();
-            }
-        } else if !data.is_empty() && !conn.is_closing() {
-            // Keep only the incomplete packet, not the shard's read chunk.
-            self.partial = BytesMut::from(&data[..]);
+        if !raw.is_empty() && !conn.is_closing() {
+            // Keep only the incomplete frame, not the shard's read chunk.
+            ws.raw = BytesMut::from(&raw[..]);
         }
         None
     }
 
-    /// Writes as much of the queue as the socket takes without blocking.
-    /// When it would block, registers for writability with glommio.
+    /// Writes as much as the socket takes without blocking. For WebSocket,
+    /// everything the broker queued becomes one binary frame per flush.
     fn flush(&mut self, cx: &mut Context<'_>, conn: &Conn) -> io::Result<()> {
-        let fd = self.stream.as_raw_fd();
-        let mut q = conn.out.borrow_mut();
-        while !q.is_empty() {
-            let mut iov = [IoSlice::new(&[]); IOV_MAX];
-            let n = q.iovecs(&mut iov);
-            match sendmsg(fd, &iov[..n]) {
-                Ok(w) => q.advance(w),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // glommio retries the send and, if still blocked, arms a
-                    // writability poll that wakes this task.
-                    let first = iov[0].to_vec();
-                    match Pin::new(&mut self.stream).poll_write(cx, &first) {
-                        Poll::Ready(Ok(w)) => q.advance(w),
-                        Poll::Ready(Err(e)) => return Err(e),
-                        Poll::Pending => return Ok(()),
-                    }
-                }
-                Err(e) => return Err(e),
+        let Some(ws) = &mut self.ws else {
+            return write_queue(&mut self.stream, cx, &mut conn.out.borrow_mut());
+        };
+        if ws.open && !ws.close_sent {
+            let mut out = conn.out.borrow_mut();
+            if !out.is_empty() {
+                let mut h = [0u8; 10];
+                let n = frame::frame_header(frame::OP_BINARY, out.len() as u64, &mut h);
+                ws.wire.push_bytes(&h[..n]);
+                ws.wire.append(&mut out);
             }
         }
-        Ok(())
+        let r = write_queue(&mut self.stream, cx, &mut ws.wire);
+        conn.wire_pending.set(ws.wire.len());
+        r
     }
+}
+
+/// The HTTP part of a WebSocket connection. Returns true once upgraded
+/// (with `raw` advanced past the request).
+fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
+    let m = &rt.shard.metrics;
+    let peer = conn.peer.get();
+    match handshake(raw, &rt.shard.cfg.ws_handshake, peer.ip()) {
+        Handshake::NeedMore => {
+            ws.raw = BytesMut::from(&raw[..]);
+            false
+        }
+        Handshake::Respond {
+            status,
+            response,
+            why,
+        } => {
+            ws.wire.push_bytes(&response);
+            if status == 200 {
+                Metrics::inc(&m.http_health);
+            } else {
+                Metrics::inc(&m.ws_rejected);
+                debug!(shard = rt.shard.id, peer = %peer, status, why, "WebSocket handshake refused");
+            }
+            conn.request_close(CloseReason::Http { status, what: why });
+            false
+        }
+        Handshake::Upgrade {
+            response,
+            consumed,
+            forwarded_for,
+            ..
+        } => {
+            ws.wire.push_bytes(&response);
+            ws.open = true;
+            raw.advance(consumed);
+            if let Some(ip) = forwarded_for {
+                conn.peer.set(SocketAddr::new(ip, 0));
+            }
+            Metrics::inc(&m.ws_upgrades);
+            true
+        }
+    }
+}
+
+/// Decodes and handles every complete MQTT packet in `data` (after what is
+/// left over in `partial` from earlier reads).
+fn process(
+    partial: &mut BytesMut,
+    rt: &Rt,
+    conn: &Rc<Conn>,
+    mut data: BytesMut,
+) -> Option<Outcome> {
+    let use_partial = !partial.is_empty();
+    if use_partial {
+        partial.extend_from_slice(&data);
+    }
+    let buf = if use_partial {
+        &mut *partial
+    } else {
+        &mut data
+    };
+    let max = rt.shard.cfg.max_packet_size;
+    loop {
+        let protocol = conn.state.borrow().protocol;
+        match mqtt::decode(buf, protocol, max) {
+            Ok(Some(p)) => match client::on_packet(&rt.shard, conn, p) {
+                Flow::Continue if conn.held.get() => break,
+                Flow::Continue => {}
+                Flow::Close(why) => {
+                    conn.request_close(why);
+                    break;
+                }
+                Flow::Handoff(c) => return Some(Outcome::Handoff(c, buf.split().freeze(), None)),
+            },
+            Ok(None) => break,
+            Err(e) => {
+                conn.request_close(client::on_decode_error(conn, &e));
+                break;
+            }
+        }
+    }
+    if use_partial {
+        if partial.is_empty() {
+            *partial = BytesMut::new();
+        }
+    } else if !data.is_empty() && !conn.is_closing() {
+        // Keep only the incomplete packet, not the shard's read chunk.
+        *partial = BytesMut::from(&data[..]);
+    }
+    None
+}
+
+/// Writes `q` with vectored non-blocking sends; when the socket is full,
+/// registers for writability with glommio and returns.
+fn write_queue(stream: &mut TcpStream, cx: &mut Context<'_>, q: &mut OutQueue) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    while !q.is_empty() {
+        let mut iov = [IoSlice::new(&[]); IOV_MAX];
+        let n = q.iovecs(&mut iov);
+        match sendmsg(fd, &iov[..n]) {
+            Ok(w) => q.advance(w),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // glommio retries the send and, if still blocked, arms a
+                // writability poll that wakes this task.
+                let first = iov[0].to_vec();
+                match Pin::new(&mut *stream).poll_write(cx, &first) {
+                    Poll::Ready(Ok(w)) => q.advance(w),
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => return Ok(()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// sendmsg(MSG_DONTWAIT) with iovecs: glommio has no vectored write and
@@ -271,20 +447,38 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     let client_id = conn.state.borrow().client_id.clone();
     if why.is_bad_input() {
         Metrics::inc(&rt.shard.metrics.closed_bad_input);
-        warn!(shard = rt.shard.id, peer = %conn.peer, client_id = %client_id, reason = ?why, "closing connection: bad input");
+        warn!(shard = rt.shard.id, peer = %conn.peer.get(), client_id = %client_id, reason = ?why, "closing connection: bad input");
     } else {
-        debug!(shard = rt.shard.id, peer = %conn.peer, client_id = %client_id, reason = ?why, "closing connection");
+        debug!(shard = rt.shard.id, peer = %conn.peer.get(), client_id = %client_id, reason = ?why, "closing connection");
     }
     client::server_disconnect(&conn, &why);
     client::on_closed(&rt.shard, &conn, &why);
+    let ws_close = match &io.ws {
+        Some(ws) if ws.open && !ws.close_sent => Some(why.ws_close_code()),
+        _ => None,
+    };
     // Flush what is queued (CONNACK refusals, DISCONNECT), for a short while.
     let flushed = glommio::timer::timeout(Duration::from_secs(1), async {
         poll_fn(|cx| {
             conn.set_waker(cx.waker());
-            match io.flush(cx, &conn) {
-                Err(_) => Poll::Ready(()),
-                Ok(()) if conn.out.borrow().is_empty() => Poll::Ready(()),
-                Ok(()) => Poll::Pending,
+            loop {
+                if let Err(e) = io.flush(cx, &conn) {
+                    debug!("flush on close: {e}");
+                    return Poll::Ready(());
+                }
+                if let (Some(code), Some(ws)) = (ws_close, &mut io.ws) {
+                    if !ws.close_sent && conn.out.borrow().is_empty() {
+                        // After the MQTT bytes, the WebSocket close handshake.
+                        ws.wire.push_bytes(&frame::close_frame(code, ""));
+                        ws.close_sent = true;
+                        continue;
+                    }
+                }
+                return if conn.queued() == 0 {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                };
             }
         })
         .await;
@@ -298,13 +492,13 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
 }
 
 /// Moves the connection to the home shard of its client id.
-fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes) {
+fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes, ws: Option<WsCarry>) {
     Metrics::dec(&rt.shard.metrics.connections_current);
     Metrics::inc(&rt.shard.metrics.connections_handed_off);
     // SAFETY: dup(2) of a descriptor we own; the copy is owned from here on.
     let fd = unsafe { libc::dup(io.stream.as_raw_fd()) };
     if fd < 0 {
-        warn!(peer = %conn.peer, "cannot hand off connection: {}", io::Error::last_os_error());
+        warn!(peer = %conn.peer.get(), "cannot hand off connection: {}", io::Error::last_os_error());
         return;
     }
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -312,9 +506,10 @@ fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes) {
     let home = home_shard(&connect.client_id, rt.shard.n);
     let h = Handoff {
         fd,
-        peer: conn.peer,
+        peer: conn.peer.get(),
         connect,
         rest,
+        ws,
     };
     let mut st = rt.shard.st.borrow_mut();
     rt.shard
@@ -328,16 +523,17 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         peer,
         connect,
         rest,
+        ws,
     } = h;
     // SAFETY: `fd` is a connected TCP socket we own.
     let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
     let conn = rt.shard.new_conn(peer);
     debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
-    glommio::spawn_local(run(
-        rt.clone(),
-        stream,
-        conn,
-        Some(Initial { connect, rest }),
-    ))
-    .detach();
+    let kind = if ws.is_some() {
+        Kind::WebSocket
+    } else {
+        Kind::Tcp
+    };
+    let init = Initial { connect, rest, ws };
+    glommio::spawn_local(run(rt.clone(), stream, conn, kind, Some(init))).detach();
 }

@@ -58,11 +58,19 @@ pub fn bind_all(addrs: &[SocketAddr], shards: usize) -> Result<Bound, String> {
     Ok(out)
 }
 
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    WebSocket,
+}
+
 /// Starts the accept loop of one listener on this shard.
-pub fn start(rt: Rc<Rt>, fd: OwnedFd) {
+pub fn start(rt: Rc<Rt>, fd: OwnedFd, kind: Kind) {
     // SAFETY: `fd` is a listening TCP socket we own; the listener takes it.
-    let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
-    glommio::spawn_local(accept_loop(rt, listener)).detach();
+    let raw = fd.into_raw_fd();
+    let listener = unsafe { TcpListener::from_raw_fd(raw) };
+    glommio::spawn_local(accept_loop(rt, listener, raw, kind)).detach();
 }
 
 fn spare_fd() -> Option<OwnedFd> {
@@ -71,7 +79,40 @@ fn spare_fd() -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-async fn accept_loop(rt: Rc<Rt>, listener: TcpListener) {
+/// Accepts and closes every connection waiting on `listener`; returns how
+/// many. The listener is a blocking socket (glommio's), so readiness is
+/// checked first: this shard is the only one accepting on its own
+/// SO_REUSEPORT socket.
+fn refuse_pending(listener: i32) -> u64 {
+    let mut refused = 0;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: listener,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll with a zero timeout on one valid pollfd, then accept4
+        // on our listening socket; the accepted fd is closed at once.
+        unsafe {
+            if libc::poll(&mut pfd, 1, 0) != 1 {
+                return refused;
+            }
+            let fd = libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            );
+            if fd < 0 {
+                return refused;
+            }
+            libc::close(fd);
+        }
+        refused += 1;
+    }
+}
+
+async fn accept_loop(rt: Rc<Rt>, listener: TcpListener, raw: i32, kind: Kind) {
     let mut spare = spare_fd();
     let mut last_warn: Option<std::time::Instant> = None;
     loop {
@@ -81,19 +122,20 @@ async fn accept_loop(rt: Rc<Rt>, listener: TcpListener) {
                 let _ = stream.set_nodelay(true);
                 Metrics::inc(&rt.shard.metrics.connections_accepted);
                 let c = rt.shard.new_conn(peer);
-                glommio::spawn_local(conn::run(rt.clone(), stream, c, None)).detach();
+                glommio::spawn_local(conn::run(rt.clone(), stream, c, kind, None)).detach();
             }
             Err(e) => {
                 let e = std::io::Error::from(e);
                 let fd_limit = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
                 if fd_limit {
-                    Metrics::inc(&rt.shard.metrics.refused_fd_limit);
-                    // Free the spare, accept one connection and close it at once.
+                    // accept(2) fails before looking at the queue when no
+                    // descriptor is free: free the spare, accept and close
+                    // what is waiting, take the spare back.
                     drop(spare.take());
-                    if let Ok(s) = listener.accept().await {
-                        drop(s);
-                    }
+                    let n = refuse_pending(raw);
                     spare = spare_fd();
+                    let m = &rt.shard.metrics.refused_fd_limit;
+                    m.set(m.get() + n);
                 }
                 let now = std::time::Instant::now();
                 if last_warn.is_none_or(|t| now.duration_since(t) > Duration::from_secs(5)) {
@@ -108,9 +150,8 @@ async fn accept_loop(rt: Rc<Rt>, listener: TcpListener) {
                         warn!(shard = rt.shard.id, "accept failed: {e}");
                     }
                 }
-                if spare.is_none() || !fd_limit {
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
+                // Never spin while the process is out of descriptors.
+                glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
     }

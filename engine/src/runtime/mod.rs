@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::mesh::{self, MeshEnds};
 use bytes::BytesMut;
 use glommio::{LocalExecutorBuilder, Placement};
+use listener::Kind;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -85,16 +86,19 @@ pub fn run(cfg: Config) -> Result<(), String> {
         None => None,
     };
     let n = cfg.shards;
-    let sockets = listener::bind_all(&cfg.tcp, n)?;
-    for addr in &sockets.addrs {
-        // A stable line on stdout that scripts and tests wait for.
-        println!("tarta listening mqtt/tcp {addr}");
-        info!(%addr, "listening for MQTT over TCP");
-        if addr.ip().is_loopback() {
-            info!(
-                "{addr} is local-only (like Mosquitto 2); pass --tcp 0.0.0.0:{} to accept other hosts",
-                addr.port()
-            );
+    let tcp = listener::bind_all(&cfg.tcp, n)?;
+    let ws = listener::bind_all(&cfg.ws, n)?;
+    for (kind, flag, bound) in [("tcp", "tcp", &tcp), ("ws", "ws", &ws)] {
+        for addr in &bound.addrs {
+            // A stable line on stdout that scripts and tests wait for.
+            println!("tarta listening mqtt/{kind} {addr}");
+            info!(%addr, "listening for MQTT over {kind}");
+            if addr.ip().is_loopback() {
+                info!(
+                    "{addr} is local-only (like Mosquitto 2); pass --{flag} 0.0.0.0:{} to accept other hosts",
+                    addr.port()
+                );
+            }
         }
     }
     let signals = block_signals();
@@ -102,10 +106,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let shutdown = Arc::new(AtomicBool::new(false));
     let (ends, bells) = mesh::build::<ShardMsg>(n, cfg.mesh_capacity);
     let cpus = available_cpus();
-    let mut per_shard: Vec<Vec<OwnedFd>> = (0..n).map(|_| Vec::new()).collect();
-    for per_addr in sockets.fds {
-        for (i, fd) in per_addr.into_iter().enumerate() {
-            per_shard[i].push(fd);
+    let mut per_shard: Vec<Vec<(OwnedFd, Kind)>> = (0..n).map(|_| Vec::new()).collect();
+    for (bound, kind) in [(tcp, Kind::Tcp), (ws, Kind::WebSocket)] {
+        for per_addr in bound.fds {
+            for (i, fd) in per_addr.into_iter().enumerate() {
+                per_shard[i].push((fd, kind));
+            }
         }
     }
     let mut handles = Vec::new();
@@ -147,9 +153,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn shard_main(rt: Rc<Rt>, listeners: Vec<OwnedFd>) {
-    for fd in listeners {
-        listener::start(rt.clone(), fd);
+async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, Kind)>) {
+    for (fd, kind) in listeners {
+        listener::start(rt.clone(), fd, kind);
     }
     glommio::spawn_local(pump::ticker(rt.clone())).detach();
     pump::mesh_pump(rt.clone()).await;

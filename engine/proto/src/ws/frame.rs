@@ -68,7 +68,9 @@ impl FrameDecoder {
                 if buf.is_empty() {
                     return Ok(None);
                 }
-                let n = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+                let n = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
                 let mut chunk = buf.split_to(n);
                 self.offset = unmask(&mut chunk, self.mask, self.offset);
                 self.left -= n as u64;
@@ -85,7 +87,10 @@ impl FrameDecoder {
             };
             let hlen = cur.position() as usize;
             if hdr.rsv1 || hdr.rsv2 || hdr.rsv3 {
-                return Err(err(close::PROTOCOL_ERROR, "reserved bits set without an extension"));
+                return Err(err(
+                    close::PROTOCOL_ERROR,
+                    "reserved bits set without an extension",
+                ));
             }
             let Some(mask) = hdr.mask else {
                 return Err(err(close::PROTOCOL_ERROR, "client frames must be masked"));
@@ -94,10 +99,16 @@ impl FrameDecoder {
                 OpCode::Data(Data::Binary) | OpCode::Data(Data::Continue) => {
                     let cont = hdr.opcode == OpCode::Data(Data::Continue);
                     if cont && !self.in_message {
-                        return Err(err(close::PROTOCOL_ERROR, "continuation frame without a message"));
+                        return Err(err(
+                            close::PROTOCOL_ERROR,
+                            "continuation frame without a message",
+                        ));
                     }
                     if !cont && self.in_message {
-                        return Err(err(close::PROTOCOL_ERROR, "new message inside a fragmented one"));
+                        return Err(err(
+                            close::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                        ));
                     }
                     if len > self.max_payload {
                         return Err(err(close::TOO_BIG, "frame larger than the maximum"));
@@ -110,7 +121,10 @@ impl FrameDecoder {
                     self.in_message = !hdr.is_final;
                 }
                 OpCode::Data(Data::Text) => {
-                    return Err(err(close::UNSUPPORTED_DATA, "text frame: MQTT needs binary frames (MQTT-6.0.0-1)"));
+                    return Err(err(
+                        close::UNSUPPORTED_DATA,
+                        "text frame: MQTT needs binary frames (MQTT-6.0.0-1)",
+                    ));
                 }
                 OpCode::Data(Data::Reserved(_)) | OpCode::Control(Control::Reserved(_)) => {
                     return Err(err(close::PROTOCOL_ERROR, "reserved opcode"));
@@ -220,7 +234,11 @@ mod tests {
         v
     }
 
-    fn decode_all(dec: &mut FrameDecoder, bytes: &[u8], split: &[usize]) -> Result<(Vec<u8>, Vec<WsEvent>), WsError> {
+    fn decode_all(
+        dec: &mut FrameDecoder,
+        bytes: &[u8],
+        split: &[usize],
+    ) -> Result<(Vec<u8>, Vec<WsEvent>), WsError> {
         let mut data = Vec::new();
         let mut other = Vec::new();
         let mut buf = BytesMut::new();
@@ -300,29 +318,75 @@ mod tests {
     #[test]
     fn violations_get_their_close_codes() {
         let m = [1, 2, 3, 4];
-        assert_eq!(one(&client_frame(0x1, true, b"hi", m)).unwrap_err().code, 1003, "text");
+        assert_eq!(
+            one(&client_frame(0x1, true, b"hi", m)).unwrap_err().code,
+            1003,
+            "text"
+        );
         let mut unmasked = client_frame(0x2, true, b"x", m);
         unmasked[1] &= 0x7f;
         unmasked.drain(2..6);
         assert_eq!(one(&unmasked).unwrap_err().code, 1002, "unmasked");
-        assert_eq!(one(&client_frame(0x0, true, b"x", m)).unwrap_err().code, 1002, "stray continuation");
-        assert_eq!(one(&client_frame(0x3, true, b"x", m)).unwrap_err().code, 1002, "reserved opcode");
-        assert_eq!(one(&client_frame(0x9, false, b"x", m)).unwrap_err().code, 1002, "fragmented ping");
-        assert_eq!(one(&client_frame(0x2, true, &[0; 1001], m)).unwrap_err().code, 1009, "too big");
+        assert_eq!(
+            one(&client_frame(0x0, true, b"x", m)).unwrap_err().code,
+            1002,
+            "stray continuation"
+        );
+        assert_eq!(
+            one(&client_frame(0x3, true, b"x", m)).unwrap_err().code,
+            1002,
+            "reserved opcode"
+        );
+        assert_eq!(
+            one(&client_frame(0x9, false, b"x", m)).unwrap_err().code,
+            1002,
+            "fragmented ping"
+        );
+        assert_eq!(
+            one(&client_frame(0x2, true, &[0; 1001], m))
+                .unwrap_err()
+                .code,
+            1009,
+            "too big"
+        );
         let mut rsv = client_frame(0x2, true, b"x", m);
         rsv[0] |= 0x40;
         assert_eq!(one(&rsv).unwrap_err().code, 1002, "rsv1");
-        assert_eq!(one(&client_frame(0x8, true, &[0x03, 0xe8, 0xff], m)).unwrap_err().code, 1007, "close reason not UTF-8");
-        assert_eq!(one(&client_frame(0x8, true, &[0x03, 0xed], m)).unwrap_err().code, 1002, "close code 1005");
+        assert_eq!(
+            one(&client_frame(0x8, true, &[0x03, 0xe8, 0xff], m))
+                .unwrap_err()
+                .code,
+            1007,
+            "close reason not UTF-8"
+        );
+        assert_eq!(
+            one(&client_frame(0x8, true, &[0x03, 0xed], m))
+                .unwrap_err()
+                .code,
+            1002,
+            "close code 1005"
+        );
     }
 
     #[test]
     fn control_frames() {
         let m = [9, 8, 7, 6];
-        assert_eq!(one(&client_frame(0x9, true, b"abc", m)).unwrap(), Some(WsEvent::Ping(Bytes::from_static(b"abc"))));
-        assert_eq!(one(&client_frame(0xA, true, b"", m)).unwrap(), Some(WsEvent::Pong));
-        assert_eq!(one(&client_frame(0x8, true, &[0x03, 0xe8], m)).unwrap(), Some(WsEvent::Close(Some(1000))));
-        assert_eq!(one(&client_frame(0x8, true, &[], m)).unwrap(), Some(WsEvent::Close(None)));
+        assert_eq!(
+            one(&client_frame(0x9, true, b"abc", m)).unwrap(),
+            Some(WsEvent::Ping(Bytes::from_static(b"abc")))
+        );
+        assert_eq!(
+            one(&client_frame(0xA, true, b"", m)).unwrap(),
+            Some(WsEvent::Pong)
+        );
+        assert_eq!(
+            one(&client_frame(0x8, true, &[0x03, 0xe8], m)).unwrap(),
+            Some(WsEvent::Close(Some(1000)))
+        );
+        assert_eq!(
+            one(&client_frame(0x8, true, &[], m)).unwrap(),
+            Some(WsEvent::Close(None))
+        );
         // An incomplete control frame waits.
         let f = client_frame(0x9, true, b"abc", m);
         assert_eq!(one(&f[..f.len() - 1]).unwrap(), None);

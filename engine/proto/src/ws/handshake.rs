@@ -68,13 +68,21 @@ fn respond(status: u16, why: &'static str, extra: &str) -> Handshake {
         431 => "Request Header Fields Too Large",
         _ => "Error",
     };
-    let body = if status == 200 { "ok\n".to_string() } else { format!("{why}\n") };
+    let body = if status == 200 {
+        "ok\n".to_string()
+    } else {
+        format!("{why}\n")
+    };
     let response = format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
         body.len()
     )
     .into_bytes();
-    Handshake::Respond { status, response, why }
+    Handshake::Respond {
+        status,
+        response,
+        why,
+    }
 }
 
 fn header<'a>(req: &'a httparse::Request<'_, '_>, name: &str) -> Option<&'a str> {
@@ -119,13 +127,21 @@ pub fn handshake(buf: &[u8], cfg: &HandshakeConfig, peer: IpAddr) -> Handshake {
         return respond(404, "no such path", "");
     }
     if !has_token(header(&req, "upgrade"), "websocket") {
-        return respond(426, "a WebSocket upgrade is required", "Upgrade: websocket\r\n");
+        return respond(
+            426,
+            "a WebSocket upgrade is required",
+            "Upgrade: websocket\r\n",
+        );
     }
     if !has_token(header(&req, "connection"), "upgrade") {
         return respond(400, "Connection: Upgrade is required", "");
     }
     if header(&req, "sec-websocket-version") != Some("13") {
-        return respond(426, "unsupported WebSocket version", "Sec-WebSocket-Version: 13\r\n");
+        return respond(
+            426,
+            "unsupported WebSocket version",
+            "Sec-WebSocket-Version: 13\r\n",
+        );
     }
     let key = match header(&req, "sec-websocket-key") {
         Some(k) if k.len() == 24 && k.ends_with("==") => k,
@@ -139,13 +155,25 @@ pub fn handshake(buf: &[u8], cfg: &HandshakeConfig, peer: IpAddr) -> Handshake {
         }
     }
     let offered: Vec<&str> = header(&req, "sec-websocket-protocol")
-        .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
-    let protocol = offered
-        .iter()
-        .find_map(|o| SUBPROTOCOLS.iter().find(|p| o.eq_ignore_ascii_case(p)).copied());
+    let protocol = offered.iter().find_map(|o| {
+        SUBPROTOCOLS
+            .iter()
+            .find(|p| o.eq_ignore_ascii_case(p))
+            .copied()
+    });
     if protocol.is_none() && (!offered.is_empty() || cfg.require_subprotocol) {
-        return respond(400, "subprotocol mqtt is required", "Sec-WebSocket-Protocol: mqtt\r\n");
+        return respond(
+            400,
+            "subprotocol mqtt is required",
+            "Sec-WebSocket-Protocol: mqtt\r\n",
+        );
     }
     let forwarded_for = if cfg.trusted_proxies.contains(&peer) {
         header(&req, "x-forwarded-for").and_then(|v| {
@@ -201,9 +229,17 @@ mod tests {
         let cfg = HandshakeConfig::default();
         let r = req("/mqtt", "Sec-WebSocket-Protocol: foo, mqtt\r\n");
         match handshake(r.as_bytes(), &cfg, LOCAL) {
-            Handshake::Upgrade { response, consumed, protocol, .. } => {
+            Handshake::Upgrade {
+                response,
+                consumed,
+                protocol,
+                ..
+            } => {
                 let text = String::from_utf8(response).unwrap();
-                assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+                assert!(
+                    text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+                    "{text}"
+                );
                 assert!(text.contains("Sec-WebSocket-Protocol: mqtt\r\n"));
                 assert_eq!(consumed, r.len());
                 assert_eq!(protocol, Some("mqtt"));
@@ -224,8 +260,16 @@ mod tests {
         assert_eq!(s(req("/mqtt", "Origin: https://app.example\r\n")), 101);
         assert_eq!(s(req("/mqtt", "Sec-WebSocket-Protocol: chat\r\n")), 400);
         assert_eq!(s("GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n".into()), 426);
-        assert_eq!(s(req("/mqtt", "").replace("Version: 13", "Version: 8")), 426);
-        assert_eq!(s(req("/mqtt", "").replace("POST", "GET").replacen("GET", "POST", 1)), 405);
+        assert_eq!(
+            s(req("/mqtt", "").replace("Version: 13", "Version: 8")),
+            426
+        );
+        assert_eq!(
+            s(req("/mqtt", "")
+                .replace("POST", "GET")
+                .replacen("GET", "POST", 1)),
+            405
+        );
         assert_eq!(s("\x01\x02garbage\r\n\r\n".into()), 400);
         assert_eq!(s("GET /health HTTP/1.1\r\n\r\n".into()), 200);
         assert_eq!(s("GET /mqtt HTTP/1.1\r\nHost".into()), 0, "incomplete");
@@ -236,15 +280,24 @@ mod tests {
     #[test]
     fn no_subprotocol_is_configurable() {
         let r = req("/mqtt", "");
-        assert_eq!(status(&handshake(r.as_bytes(), &HandshakeConfig::default(), LOCAL)), 101);
-        let strict = HandshakeConfig { require_subprotocol: true, ..Default::default() };
+        assert_eq!(
+            status(&handshake(r.as_bytes(), &HandshakeConfig::default(), LOCAL)),
+            101
+        );
+        let strict = HandshakeConfig {
+            require_subprotocol: true,
+            ..Default::default()
+        };
         assert_eq!(status(&handshake(r.as_bytes(), &strict, LOCAL)), 400);
     }
 
     #[test]
     fn forwarded_for_only_from_trusted_proxies() {
         let proxy: IpAddr = "10.0.0.1".parse().unwrap();
-        let cfg = HandshakeConfig { trusted_proxies: vec![proxy], ..Default::default() };
+        let cfg = HandshakeConfig {
+            trusted_proxies: vec![proxy],
+            ..Default::default()
+        };
         let r = req("/mqtt", "X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\n");
         let ff = |peer| match handshake(r.as_bytes(), &cfg, peer) {
             Handshake::Upgrade { forwarded_for, .. } => forwarded_for,
