@@ -67,6 +67,8 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub max_packet_size: Option<u32>,
     pub max_inflight: Option<u16>,
+    pub receive_maximum: Option<u16>,
+    pub topic_alias_maximum: Option<u16>,
     pub max_queued_messages: Option<usize>,
     pub max_queued_bytes: Option<usize>,
     pub connect_timeout: Option<u32>,
@@ -94,6 +96,11 @@ pub struct Config {
     pub max_packet_size: u32,
     /// QoS 1/2 messages in flight to one client before more are queued.
     pub max_inflight: u16,
+    /// 5.0 Receive Maximum the broker grants clients (unacknowledged QoS 2
+    /// messages from one client; more is DISCONNECT 0x93).
+    pub receive_maximum: u16,
+    /// 5.0 Topic Alias Maximum the broker accepts from clients.
+    pub topic_alias_maximum: u16,
     /// QoS 1/2 messages queued per session (offline or over the inflight window).
     pub max_queued_messages: usize,
     /// Bytes queued for writing to one connection before QoS 0 messages to it are dropped.
@@ -152,6 +159,8 @@ impl Config {
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             max_packet_size: file.max_packet_size.unwrap_or(16 * 1024 * 1024),
             max_inflight: file.max_inflight.unwrap_or(64),
+            receive_maximum: file.receive_maximum.unwrap_or(1024),
+            topic_alias_maximum: file.topic_alias_maximum.unwrap_or(64),
             max_queued_messages: file.max_queued_messages.unwrap_or(1000),
             max_queued_bytes: file.max_queued_bytes.unwrap_or(4 * 1024 * 1024),
             connect_timeout: file.connect_timeout.unwrap_or(10),
@@ -173,6 +182,9 @@ impl Config {
                 "ws_path must start with '/', got {:?}",
                 self.ws_handshake.path
             ));
+        }
+        if self.receive_maximum == 0 {
+            return Err("receive_maximum must be at least 1".into());
         }
         if self.max_inflight == 0 {
             return Err("max_inflight must be at least 1".into());

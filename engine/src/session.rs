@@ -26,6 +26,9 @@ pub struct Message {
     pub properties: Properties,
     /// (shard, session id) of the publisher, for the "no local" option.
     pub origin: Option<(u16, usize)>,
+    /// MQTT 5 Message Expiry: the broker second (shared clock of all
+    /// shards) after which the message is no longer delivered.
+    pub expires_at: Option<u64>,
 }
 
 /// One message on its way to one session.
@@ -37,12 +40,17 @@ pub struct Delivery {
     pub retain: bool,
     /// MQTT 5 subscription identifiers of every matching subscription.
     pub sub_ids: Vec<u32>,
+    /// Set when it came through a shared subscription: (group, filter).
+    /// Such a delivery moves to another member if this one goes away.
+    pub share: Option<Arc<(ByteStr, ByteStr)>>,
 }
 
 /// Where a session's output goes.
 pub trait Outbox {
-    /// Sends `d` with packet id `pid` (0 for QoS 0).
-    fn publish(&mut self, d: &Delivery, pid: u16, dup: bool);
+    /// Sends `d` with packet id `pid` (0 for QoS 0). Returns false if the
+    /// message was discarded instead (expired, or larger than the client
+    /// accepts); a resend (`dup`) is never discarded.
+    fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) -> bool;
     /// Sends a control packet (PUBACK, PUBREC, PUBREL, PUBCOMP).
     fn packet(&mut self, p: Packet);
 }
@@ -68,8 +76,9 @@ pub struct Session {
     pub client_id: ByteStr,
     /// Kept after the connection ends (clean session 0 / session expiry > 0).
     pub persistent: bool,
-    /// Subscriptions by filter.
-    pub subs: HashMap<ByteStr, SubOptions>,
+    /// Subscriptions by filter (as subscribed, `$share/...` included), with
+    /// their 5.0 subscription identifier.
+    pub subs: HashMap<ByteStr, (SubOptions, Option<u32>)>,
     inflight: VecDeque<Inflight>,
     pending: VecDeque<Delivery>,
     incoming_qos2: HashSet<u16>,
@@ -110,13 +119,19 @@ impl Session {
     pub fn deliver(&mut self, d: Delivery, out: Option<&mut dyn Outbox>) -> Enqueued {
         match (d.qos, out) {
             (QoS::AtMostOnce, Some(out)) => {
-                out.publish(&d, 0, false);
-                Enqueued::Sent
+                if out.publish(&d, 0, false) {
+                    Enqueued::Sent
+                } else {
+                    Enqueued::Dropped
+                }
             }
             (QoS::AtMostOnce, None) => Enqueued::Dropped,
             (_, Some(out)) if self.pending.is_empty() && self.window_open() => {
-                self.send_new(d, out);
-                Enqueued::Sent
+                if self.send_new(d, out) {
+                    Enqueued::Sent
+                } else {
+                    Enqueued::Dropped
+                }
             }
             (_, _) => {
                 if self.pending.len() >= self.max_queued {
@@ -134,14 +149,17 @@ impl Session {
         self.inflight.len() < usize::from(self.window)
     }
 
-    fn send_new(&mut self, d: Delivery, out: &mut dyn Outbox) {
+    fn send_new(&mut self, d: Delivery, out: &mut dyn Outbox) -> bool {
         let pid = self.alloc_pid();
-        out.publish(&d, pid, false);
+        if !out.publish(&d, pid, false) {
+            return false;
+        }
         self.inflight.push_back(Inflight {
             pid,
             d,
             released: false,
         });
+        true
     }
 
     fn alloc_pid(&mut self) -> u16 {
@@ -219,6 +237,36 @@ impl Session {
         self.incoming_qos2.insert(pid)
     }
 
+    /// Incoming QoS 2 messages waiting for PUBREL.
+    pub fn incoming_qos2_len(&self) -> usize {
+        self.incoming_qos2.len()
+    }
+
+    /// Removes and returns what is in flight or queued (for a shared
+    /// subscription member that went away), in order.
+    pub fn take_where(&mut self, mut f: impl FnMut(&Delivery) -> bool) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::new();
+        for i in self.inflight.drain(..) {
+            if !i.released && f(&i.d) {
+                out.push(i.d);
+            } else {
+                keep.push_back(i);
+            }
+        }
+        self.inflight = keep;
+        let mut keep = VecDeque::new();
+        for d in self.pending.drain(..) {
+            if f(&d) {
+                out.push(d);
+            } else {
+                keep.push_back(d);
+            }
+        }
+        self.pending = keep;
+        out
+    }
+
     /// Incoming PUBREL: true if the packet id was known.
     pub fn release_incoming(&mut self, pid: u16) -> bool {
         self.incoming_qos2.remove(&pid)
@@ -253,11 +301,12 @@ mod tests {
     #[derive(Default)]
     struct Rec(Vec<String>);
     impl Outbox for Rec {
-        fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) {
+        fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) -> bool {
             self.0.push(format!(
                 "pub {} q{} id{} dup{}",
                 d.msg.topic, d.qos as u8, pid, dup as u8
             ));
+            true
         }
         fn packet(&mut self, p: Packet) {
             self.0.push(match p {
@@ -276,10 +325,12 @@ mod tests {
                 retain: false,
                 properties: Properties::default(),
                 origin: None,
+                expires_at: None,
             }),
             qos,
             retain: false,
             sub_ids: Vec::new(),
+            share: None,
         }
     }
 

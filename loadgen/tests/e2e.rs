@@ -22,7 +22,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 struct Broker {
+    /// The guard shell (see [`spawn_guarded`]).
     child: Child,
+    /// The broker's own PID (for `--broker-pid`).
+    pid: u32,
     tcp: u16,
     ws: Option<u16>,
 }
@@ -32,6 +35,37 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `bin args` under a small shell that kills it when this test
+/// process goes away (its stdin, a pipe we never write to, reaches end of
+/// file): the brokers live in statics, which Rust never drops. The shell
+/// first prints `loadgen-e2e-pid PID`; the broker's stdout follows.
+fn spawn_guarded(
+    bin: &Path,
+    args: &[&str],
+) -> (
+    Child,
+    u32,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"b="$0"; "$b" "$@" </dev/null & p=$!; echo "loadgen-e2e-pid $p"; while read -r _; do :; done; kill $p; wait $p"#)
+        .arg(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start broker");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let pid = first
+        .strip_prefix("loadgen-e2e-pid ")
+        .and_then(|p| p.trim().parse().ok())
+        .expect("broker pid");
+    (child, pid, lines)
 }
 
 fn workspace() -> PathBuf {
@@ -61,18 +95,11 @@ fn tarta_binary() -> PathBuf {
 
 /// Reads `tarta listening mqtt/KIND ADDR` lines until `tarta started`.
 fn start_tarta(ws: bool) -> Broker {
-    let mut cmd = Command::new(tarta_binary());
-    cmd.args(["--tcp", "127.0.0.1:0", "--shards", "2", "--no-pin"]);
+    let mut args = vec!["--tcp", "127.0.0.1:0", "--shards", "2", "--no-pin"];
     if ws {
-        cmd.args(["--ws", "127.0.0.1:0"]);
+        args.extend(["--ws", "127.0.0.1:0"]);
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tarta");
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
+    let (child, pid, mut lines) = spawn_guarded(&tarta_binary(), &args);
     let (mut tcp, mut wsp) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -94,6 +121,7 @@ fn start_tarta(ws: bool) -> Broker {
     std::thread::spawn(move || for _ in lines {});
     Broker {
         child,
+        pid,
         tcp: tcp.expect("tarta printed no TCP listener"),
         ws: wsp,
     }
@@ -142,13 +170,8 @@ fn mosquitto() -> Option<&'static Broker> {
             ),
         )
         .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
+        let (child, pid, lines) = spawn_guarded(&bin, &["-c", conf.to_str()?]);
+        std::thread::spawn(move || for _ in lines {});
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
             assert!(Instant::now() < deadline, "mosquitto did not start");
@@ -156,6 +179,7 @@ fn mosquitto() -> Option<&'static Broker> {
         }
         Some(Broker {
             child,
+            pid,
             tcp,
             ws: Some(ws),
         })
@@ -252,7 +276,7 @@ fn port(p: u16) -> String {
 #[test]
 fn tarta_pairs_qos_0_1_2() {
     let b = tarta();
-    let pid = b.child.id().to_string();
+    let pid = b.pid.to_string();
     for (qos, proto) in [("0", "3.1.1"), ("1", "3.1.1"), ("2", "5")] {
         let (code, v) = loadgen(&[
             "pairs",
@@ -326,7 +350,7 @@ fn tarta_conn_over_two_processes() {
         "--connect-rate",
         "2000",
         "--broker-pid",
-        &b.child.id().to_string(),
+        &b.pid.to_string(),
     ]);
     assert_eq!(code, 0, "{}", v["problems"]);
     assert_eq!(u(&v, "connections"), 400);

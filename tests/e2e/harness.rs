@@ -489,6 +489,7 @@ impl WsRaw {
             }
             match self.recv_frame()? {
                 (0x2, payload) | (0x0, payload) => self.mqtt.extend_from_slice(&payload),
+                (0x8, _) => return None, // close frame: the connection ends
                 (op, payload) => panic!("unexpected frame {op:#x} {payload:?}"),
             }
         }
@@ -502,4 +503,71 @@ pub fn rq_ws_opts(ws_port: u16, id: &str) -> rumqttc::MqttOptions {
     o.set_max_packet_size(4 << 20, 4 << 20);
     o.set_transport(rumqttc::Transport::Ws);
     o
+}
+
+// ---------------------------------------------------------------- either transport
+
+/// A byte-level client over TCP or WebSocket, for tests that run on both.
+pub trait Mq {
+    fn send(&mut self, p: &Packet);
+    fn recv(&mut self) -> Option<Packet>;
+    fn set_timeout(&mut self, t: Duration);
+}
+
+impl Mq for Raw {
+    fn send(&mut self, p: &Packet) {
+        Raw::send(self, p)
+    }
+    fn recv(&mut self) -> Option<Packet> {
+        Raw::recv(self)
+    }
+    fn set_timeout(&mut self, t: Duration) {
+        self.s.set_read_timeout(Some(t)).unwrap();
+    }
+}
+
+impl Mq for WsRaw {
+    fn send(&mut self, p: &Packet) {
+        let b = encode(p, self.protocol);
+        self.send_frame(0x2, true, &b);
+    }
+    fn recv(&mut self) -> Option<Packet> {
+        WsRaw::recv(self)
+    }
+    fn set_timeout(&mut self, t: Duration) {
+        self.s.set_read_timeout(Some(t)).unwrap();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+}
+
+pub const TRANSPORTS: [Transport; 2] = [Transport::Tcp, Transport::Ws];
+
+/// Connects with `c` over `t`; returns the client and the CONNACK.
+pub fn mq_connect(b: &Broker, t: Transport, c: Connect) -> (Box<dyn Mq>, mqtt::ConnAck) {
+    match t {
+        Transport::Tcp => {
+            let (r, a) = Raw::connect(b.port, c);
+            (Box::new(r), a)
+        }
+        Transport::Ws => {
+            let (r, a) = WsRaw::connect(b.ws_port, c);
+            (Box::new(r), a)
+        }
+    }
+}
+
+/// Every packet received until `quiet` passes without one.
+pub fn drain(c: &mut dyn Mq, quiet: Duration) -> Vec<Packet> {
+    c.set_timeout(quiet);
+    let mut v = Vec::new();
+    while let Some(p) = c.recv() {
+        v.push(p);
+    }
+    c.set_timeout(Duration::from_secs(10));
+    v
 }

@@ -11,4 +11,5 @@ mod errors;
 mod ops;
 mod pubsub;
 mod sessions;
+mod v5;
 mod ws;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tarta_proto::acl::SubscribeAccess;
 use tarta_proto::mqtt::{
     self, reason, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Property,
-    Protocol, QoS, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    Protocol, QoS, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
 };
 use tarta_proto::topic::{TopicFilter, TopicName};
 use tarta_proto::ByteStr;
@@ -84,16 +84,33 @@ pub fn on_packet(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
                 .push_packet(&Packet::PingResp, protocol);
             Flow::Continue
         }
-        Packet::Disconnect(d) => Flow::Close(if d.reason == reason::DISCONNECT_WITH_WILL {
-            CloseReason::ClientDisconnectWithWill
-        } else {
-            CloseReason::ClientDisconnect
-        }),
+        Packet::Disconnect(d) => disconnect(shard, conn, d),
         Packet::Auth(_) => protocol_error("AUTH without an authentication method"),
         Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
             protocol_error("server-to-client packet sent by a client")
         }
     }
+}
+
+/// DISCONNECT from the client; 5.0 may change the session expiry.
+fn disconnect(shard: &Shard, conn: &Rc<Conn>, d: Disconnect) -> Flow {
+    if let Some(new_expiry) = d.properties.session_expiry_interval() {
+        let sid = conn.state.borrow().session;
+        let mut st = shard.st.borrow_mut();
+        if let Some(e) = sid.and_then(|sid| st.sessions.get_mut(sid)) {
+            if e.expiry == 0 && new_expiry != 0 {
+                // MQTT-3.14.2-2.
+                return protocol_error("DISCONNECT sets a session expiry after CONNECT set 0");
+            }
+            e.expiry = new_expiry;
+            e.session.persistent = new_expiry != 0;
+        }
+    }
+    Flow::Close(if d.reason == reason::DISCONNECT_WITH_WILL {
+        CloseReason::ClientDisconnectWithWill
+    } else {
+        CloseReason::ClientDisconnect
+    })
 }
 
 /// Runs `f` on the connection's session with the connection as outbox.
@@ -107,7 +124,7 @@ fn with_session(
     };
     let mut st = shard.st.borrow_mut();
     if let Some(entry) = st.sessions.get_mut(sid) {
-        let mut out = ConnOutbox::new(conn);
+        let mut out = ConnOutbox::new(conn, shard.now.get());
         f(&mut entry.session, &mut out);
     }
     Flow::Continue
@@ -198,11 +215,16 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         .acl
         .as_ref()
         .map(|a| a.for_client(&client_id, c.username.as_deref()));
-    let persistent = if v5 {
-        c.properties.session_expiry_interval().unwrap_or(0) > 0
+    // 3.x: clean session 0 keeps the session (no expiry); 5.0: Session
+    // Expiry Interval (0: ends with the connection, 0xFFFFFFFF: never).
+    let expiry = if v5 {
+        c.properties.session_expiry_interval().unwrap_or(0)
+    } else if c.clean_start {
+        0
     } else {
-        !c.clean_start
+        u32::MAX
     };
+    let persistent = expiry != 0;
     let window = if v5 {
         c.properties
             .receive_maximum()
@@ -244,6 +266,9 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
                 session,
                 conn: None,
                 acl: None,
+                generation: 0,
+                expiry,
+                pending_will: None,
             });
             st.clients.insert(client_id.clone(), sid);
             sid
@@ -254,6 +279,11 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         entry.acl = acl;
         entry.session.persistent = persistent;
         entry.session.window = window.max(1);
+        entry.expiry = expiry;
+        // A reconnection cancels a delayed will and the session's expiry
+        // (MQTT-3.1.3-9): their timers see a newer generation.
+        entry.generation += 1;
+        entry.pending_will = None;
     }
     {
         let mut cs = conn.state.borrow_mut();
@@ -266,6 +296,12 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         } else {
             0
         };
+        cs.alias_max_out = if v5 {
+            c.properties.topic_alias_maximum().unwrap_or(0)
+        } else {
+            0
+        };
+        cs.problem_info = c.properties.request_problem_information() != Some(0);
     }
     conn.keepalive.set(keepalive);
     shard.schedule(st, conn);
@@ -278,8 +314,19 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         if let Some(ka) = server_keepalive {
             properties.push(Property::ServerKeepAlive(ka));
         }
+        properties.push(Property::ReceiveMaximum(cfg.receive_maximum));
         properties.push(Property::MaximumPacketSize(cfg.max_packet_size));
-        properties.push(Property::SharedSubscriptionAvailable(0));
+        properties.push(Property::TopicAliasMaximum(cfg.topic_alias_maximum));
+        properties.push(Property::RetainAvailable(1));
+        properties.push(Property::WildcardSubscriptionAvailable(1));
+        properties.push(Property::SubscriptionIdentifierAvailable(1));
+        properties.push(Property::SharedSubscriptionAvailable(1));
+        if c.properties.request_response_information() == Some(1) {
+            // MQTT-3.2.2.3.15: a basis for response topics.
+            properties.push(Property::ResponseInformation(ByteStr::from(format!(
+                "response/{client_id}/"
+            ))));
+        }
     }
     let connack = Packet::ConnAck(ConnAck {
         session_present,
@@ -290,7 +337,12 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     debug!(client_id = %client_id, session_present, persistent, keepalive, "connected");
     if session_present {
         if let Some(entry) = st.sessions.get_mut(sid) {
-            entry.session.resume(&mut ConnOutbox::new(conn));
+            entry
+                .session
+                .resume(&mut ConnOutbox::new(conn, shard.now.get()));
+            for (key, opts, id) in shared_subs(&entry.session) {
+                shard.share_join(st, key, sid, opts, id);
+            }
         }
     }
     conn.wake();
@@ -298,24 +350,51 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
 }
 
 /// Removes a session and its subscriptions (and routes no longer needed).
-fn drop_session(shard: &Shard, st: &mut State, sid: usize) {
+pub(crate) fn drop_session(shard: &Shard, st: &mut State, sid: usize) {
     if !st.sessions.contains(sid) {
         return;
     }
-    let entry = st.sessions.remove(sid);
+    let mut entry = st.sessions.remove(sid);
     st.clients.remove(&entry.session.client_id);
     for filter in entry.session.subs.keys() {
-        st.index.remove(filter, &sid);
-        if !st.index.contains_filter(filter) {
-            shard.route_change(st, filter, false);
-        }
+        remove_sub(shard, st, sid, filter);
+    }
+    let moved = entry.session.take_where(|d| d.share.is_some());
+    shard.reshare(st, moved);
+}
+
+/// Resolves a 5.0 Topic Alias (MQTT-3.3.2-10..12): records it when the
+/// topic is given, looks it up when the topic is empty.
+fn resolve_alias(shard: &Shard, conn: &Conn, alias: u16, topic: ByteStr) -> Result<ByteStr, Flow> {
+    let max = shard.cfg.topic_alias_maximum;
+    if alias == 0 || alias > max {
+        return Err(Flow::Close(CloseReason::TopicAliasInvalid));
+    }
+    let mut cs = conn.state.borrow_mut();
+    let table = &mut cs.aliases.get_or_insert_with(Default::default).inbound;
+    let i = usize::from(alias - 1);
+    if table.len() <= i {
+        table.resize(i + 1, None);
+    }
+    if topic.is_empty() {
+        table[i]
+            .clone()
+            .ok_or_else(|| protocol_error("unknown topic alias with an empty topic"))
+    } else {
+        table[i] = Some(topic.clone());
+        Ok(topic)
     }
 }
 
-fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, p: mqtt::Publish) -> Flow {
-    if protocol.is_v5() && p.properties.topic_alias().is_some() {
-        // CONNACK advertised no topic aliases (Topic Alias Maximum 0).
-        return Flow::Close(CloseReason::TopicAliasInvalid);
+fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publish) -> Flow {
+    if protocol.is_v5() {
+        if let Some(alias) = p.properties.topic_alias() {
+            match resolve_alias(shard, conn, alias, p.topic.clone()) {
+                Ok(t) => p.topic = t,
+                Err(flow) => return flow,
+            }
+            p.properties.remove(0x23); // the alias is per connection
+        }
     }
     let Ok(topic) = TopicName::new(p.topic.clone()) else {
         return protocol_error("invalid topic name in PUBLISH (MQTT-3.3.2-2)");
@@ -346,6 +425,12 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, p: mqtt::Publish)
             conn.out.borrow_mut().push_packet(&a, protocol);
             allowed
         }
+        QoS::ExactlyOnce
+            if entry.session.incoming_qos2_len() >= usize::from(shard.cfg.receive_maximum) =>
+        {
+            // MQTT-3.3.4-7: more unacknowledged QoS 2 than Receive Maximum.
+            return Flow::Close(CloseReason::ReceiveMaximumExceeded);
+        }
         QoS::ExactlyOnce => {
             // Only a new packet id is routed: a DUP before PUBREL is not.
             let new = if denied_code == 0 {
@@ -362,6 +447,9 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, p: mqtt::Publish)
     if route {
         let mut properties = p.properties;
         properties.remove(0x0B); // subscription identifiers are per delivery
+        let expires_at = properties
+            .message_expiry_interval()
+            .map(|s| shard.now.get() + u64::from(s));
         let msg = Arc::new(Message {
             topic: topic.into_inner(),
             payload: p.payload,
@@ -369,6 +457,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, p: mqtt::Publish)
             retain: p.retain,
             properties,
             origin: Some((shard.id as u16, sid)),
+            expires_at,
         });
         shard.route(st, msg);
     }
@@ -390,16 +479,13 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
     let mut codes = Vec::with_capacity(s.filters.len());
     let mut retained = Vec::new();
     let mut new_routes = Vec::new();
+    let mut share_changed = false;
     for (raw, opts) in &s.filters {
         let fail = |v5code: u8| if v5 { v5code } else { 0x80 };
         let Ok(filter) = TopicFilter::new(raw.clone()) else {
             codes.push(fail(reason::TOPIC_FILTER_INVALID));
             continue;
         };
-        if filter.share().is_some() {
-            codes.push(fail(reason::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED));
-            continue;
-        }
         let Some(entry) = st.sessions.get_mut(sid) else {
             return Flow::Continue;
         };
@@ -413,7 +499,17 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
             continue;
         }
         let filtered = access == SubscribeAccess::GrantedFiltered;
-        let existed = entry.session.subs.insert(raw.clone(), *opts).is_some();
+        let existed = entry
+            .session
+            .subs
+            .insert(raw.clone(), (*opts, sub_id))
+            .is_some();
+        codes.push(opts.qos as u8);
+        if let Some(key) = share_key(&filter) {
+            // MQTT-4.8.2: no retained messages for a shared subscription.
+            share_changed |= shard.share_join(st, key, sid, *opts, sub_id);
+            continue;
+        }
         if !st.index.contains_filter(raw) {
             new_routes.push(raw.clone());
         }
@@ -426,7 +522,6 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
                 filtered,
             },
         );
-        codes.push(opts.qos as u8);
         if opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed) {
             let acl = entry.acl.as_ref();
             st.retained.matching(raw, |m| {
@@ -438,6 +533,7 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
                     qos: opts.qos.min(m.qos),
                     retain: true,
                     sub_ids: sub_id.into_iter().collect(),
+                    share: None,
                 });
             });
         }
@@ -450,8 +546,46 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
         codes,
         properties: Properties::default(),
     });
-    shard.suback(st, conn, sid, suback, retained, !new_routes.is_empty());
+    let changed = !new_routes.is_empty() || share_changed;
+    shard.suback(st, conn, sid, suback, retained, changed);
     Flow::Continue
+}
+
+/// (group, filter) of a `$share/{group}/{filter}` subscription.
+fn share_key(filter: &TopicFilter) -> Option<(ByteStr, ByteStr)> {
+    filter
+        .share()
+        .map(|(g, f)| (ByteStr::from(g), ByteStr::from(f)))
+}
+
+/// Removes one subscription of `sid` from the index or its shared group.
+fn remove_sub(shard: &Shard, st: &mut State, sid: usize, raw: &ByteStr) {
+    match TopicFilter::new(raw.clone())
+        .ok()
+        .as_ref()
+        .and_then(share_key)
+    {
+        Some(key) => shard.share_leave(st, &key, sid),
+        None => {
+            st.index.remove(raw, &sid);
+            if !st.index.contains_filter(raw) {
+                shard.route_change(st, raw, false);
+            }
+        }
+    }
+}
+
+/// The session's shared subscriptions, as (group, filter) with options.
+fn shared_subs(session: &Session) -> Vec<((ByteStr, ByteStr), SubOptions, Option<u32>)> {
+    session
+        .subs
+        .iter()
+        .filter(|(raw, _)| raw.starts_with("$share/"))
+        .filter_map(|(raw, (opts, id))| {
+            let f = TopicFilter::new(raw.clone()).ok()?;
+            Some((share_key(&f)?, *opts, *id))
+        })
+        .collect()
 }
 
 fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscribe) -> Flow {
@@ -467,10 +601,7 @@ fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscrib
             .get_mut(sid)
             .is_some_and(|e| e.session.subs.remove(f).is_some());
         if existed {
-            st.index.remove(f, &sid);
-            if !st.index.contains_filter(f) {
-                shard.route_change(st, f, false);
-            }
+            remove_sub(shard, st, sid, f);
         }
         if protocol.is_v5() {
             codes.push(if existed {
@@ -489,7 +620,8 @@ fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscrib
     Flow::Continue
 }
 
-/// The connection is gone: detach or drop its session, publish its will.
+/// The connection is gone: detach or drop its session, publish its will
+/// (now, or after its Will Delay Interval while the session lives on).
 pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
     Metrics::dec(&shard.metrics.connections_current);
     if matches!(
@@ -507,34 +639,61 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
     }
     let mut st = shard.st.borrow_mut();
     let st = &mut *st;
-    let mut will_allowed = true;
-    if let Some(sid) = sid {
-        if let Some(entry) = st.sessions.get_mut(sid) {
-            if let (Some(w), Some(acl)) = (&will, &entry.acl) {
-                will_allowed = acl.can_publish(&w.topic);
-            }
-            let owns = entry.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, conn));
-            if owns {
-                entry.conn = None;
-                if !entry.session.persistent {
-                    drop_session(shard, st, sid);
-                }
-            }
+    let will = will.filter(|_| why.publishes_will());
+    let delay = will
+        .as_ref()
+        .and_then(|w| w.properties.will_delay_interval())
+        .filter(|d| *d > 0);
+    let Some(entry) = sid.and_then(|sid| st.sessions.get_mut(sid)) else {
+        if let Some(w) = will {
+            shard.publish_will(st, *w);
         }
+        return;
+    };
+    let sid = sid.unwrap_or_default();
+    let will_allowed = match (&will, &entry.acl) {
+        (Some(w), Some(acl)) => acl.can_publish(&w.topic),
+        _ => true,
+    };
+    let will = will.filter(|_| will_allowed);
+    let owns = entry.conn.as_ref().is_some_and(|c| Rc::ptr_eq(c, conn));
+    if !owns {
+        // Taken over: a new connection to the session exists, so a
+        // delayed will is not sent (MQTT-3.1.3-9); an immediate one is.
+        if let (Some(w), None) = (will, delay) {
+            shard.publish_will(st, *w);
+        }
+        return;
     }
-    if let Some(w) = will.filter(|_| why.publishes_will() && will_allowed) {
-        let w = *w;
-        let mut properties = w.properties;
-        properties.remove(0x18); // Will Delay Interval is not a PUBLISH property
-        let msg = Arc::new(Message {
-            topic: w.topic,
-            payload: w.payload,
-            qos: w.qos,
-            retain: w.retain,
-            properties,
-            origin: None,
-        });
-        shard.route(st, msg);
+    entry.conn = None;
+    // Shared subscriptions deliver only to connected members: leave the
+    // groups, and hand what this member had not acknowledged to another.
+    let shares = shared_subs(&entry.session);
+    let moved = entry.session.take_where(|d| d.share.is_some());
+    for (key, _, _) in &shares {
+        shard.share_leave(st, key, sid);
+    }
+    shard.reshare(st, moved);
+    let Some(entry) = st.sessions.get_mut(sid) else {
+        return;
+    };
+    if entry.expiry == 0 {
+        drop_session(shard, st, sid);
+        if let Some(w) = will {
+            shard.publish_will(st, *w);
+        }
+        return;
+    }
+    match (will, delay) {
+        (Some(w), Some(_)) => {
+            entry.pending_will = Some(w);
+            shard.session_offline(st, sid, delay);
+        }
+        (Some(w), None) => {
+            shard.session_offline(st, sid, None);
+            shard.publish_will(st, *w);
+        }
+        (None, _) => shard.session_offline(st, sid, None),
     }
 }
 
@@ -548,9 +707,13 @@ pub fn server_disconnect(conn: &Conn, why: &CloseReason) {
         return;
     }
     if let Some(code) = why.disconnect_code() {
+        let mut properties = Properties::default();
+        if conn.state.borrow().problem_info {
+            properties.push(Property::ReasonString(ByteStr::from(why.description())));
+        }
         let p = Packet::Disconnect(Disconnect {
             reason: code,
-            properties: Properties::default(),
+            properties,
         });
         conn.out.borrow_mut().push_packet(&p, protocol);
     }

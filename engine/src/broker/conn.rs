@@ -29,6 +29,7 @@ pub enum CloseReason {
     Protocol(String),
     PacketTooLarge(String),
     TopicAliasInvalid,
+    ReceiveMaximumExceeded,
     KeepAliveTimeout,
     ConnectTimeout,
     TakenOver,
@@ -62,12 +63,32 @@ impl CloseReason {
             CloseReason::Protocol(_) => PROTOCOL_ERROR,
             CloseReason::PacketTooLarge(_) => PACKET_TOO_LARGE,
             CloseReason::TopicAliasInvalid => TOPIC_ALIAS_INVALID,
+            CloseReason::ReceiveMaximumExceeded => RECEIVE_MAXIMUM_EXCEEDED,
             CloseReason::KeepAliveTimeout => KEEP_ALIVE_TIMEOUT,
             CloseReason::TakenOver => SESSION_TAKEN_OVER,
             CloseReason::NotAuthorized => NOT_AUTHORIZED,
             CloseReason::Shutdown => SERVER_SHUTTING_DOWN,
             _ => return None,
         })
+    }
+
+    /// Human-readable reason (5.0 Reason String, logs).
+    pub fn description(&self) -> String {
+        match self {
+            CloseReason::Malformed(s)
+            | CloseReason::Protocol(s)
+            | CloseReason::PacketTooLarge(s) => s.clone(),
+            CloseReason::TopicAliasInvalid => "invalid topic alias".into(),
+            CloseReason::ReceiveMaximumExceeded => {
+                "more unacknowledged QoS 2 messages than Receive Maximum".into()
+            }
+            CloseReason::KeepAliveTimeout => "no packet within 1.5 times the keep-alive".into(),
+            CloseReason::TakenOver => "another connection took over the session".into(),
+            CloseReason::Shutdown => "the server is shutting down".into(),
+            CloseReason::NotAuthorized => "not authorized".into(),
+            CloseReason::Ws { what, .. } => (*what).into(),
+            other => format!("{other:?}"),
+        }
     }
 
     /// The WebSocket close code sent when the server closes for this reason.
@@ -91,6 +112,7 @@ impl CloseReason {
                 | CloseReason::Protocol(_)
                 | CloseReason::PacketTooLarge(_)
                 | CloseReason::TopicAliasInvalid
+                | CloseReason::ReceiveMaximumExceeded
                 | CloseReason::Ws { .. }
         )
     }
@@ -225,6 +247,21 @@ pub struct ConnState {
     pub will: Option<Box<Will>>,
     /// 5.0: the largest packet the client accepts (0 = no limit).
     pub max_packet_out: u32,
+    /// 5.0: topic aliases in both directions (None until first used).
+    pub aliases: Option<Box<Aliases>>,
+    /// 5.0: the client's Topic Alias Maximum (aliases the broker may assign).
+    pub alias_max_out: u16,
+    /// 5.0: the client asked for reason strings (Request Problem Information).
+    pub problem_info: bool,
+}
+
+/// Topic aliases of one 5.0 connection.
+#[derive(Default)]
+pub struct Aliases {
+    /// Client to broker: alias -> topic (index = alias - 1).
+    pub inbound: Vec<Option<ByteStr>>,
+    /// Broker to client: topic -> alias.
+    pub outbound: std::collections::HashMap<ByteStr, u16>,
 }
 
 pub struct Conn {
@@ -274,6 +311,9 @@ impl Conn {
                 session: None,
                 will: None,
                 max_packet_out: 0,
+                aliases: None,
+                alias_max_out: 0,
+                problem_info: true,
             }),
         }
     }
@@ -330,58 +370,106 @@ pub struct ConnOutbox<'a> {
     pub conn: &'a Conn,
     pub protocol: Protocol,
     pub max_packet_out: u32,
-    /// Deliveries dropped because they exceed the client's maximum packet size.
-    pub oversize: u32,
+    /// The broker second now (for Message Expiry).
+    pub now: u64,
+    /// Deliveries discarded: expired, or larger than the client accepts.
+    pub discarded: u32,
 }
 
 impl<'a> ConnOutbox<'a> {
-    pub fn new(conn: &'a Conn) -> Self {
+    pub fn new(conn: &'a Conn, now: u64) -> Self {
         let st = conn.state.borrow();
         ConnOutbox {
             conn,
             protocol: st.protocol,
             max_packet_out: st.max_packet_out,
-            oversize: 0,
+            now,
+            discarded: 0,
         }
     }
 }
 
 impl Outbox for ConnOutbox<'_> {
-    fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) {
-        let mut properties = if self.protocol.is_v5() {
+    fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) -> bool {
+        let v5 = self.protocol.is_v5();
+        let mut properties = if v5 {
             d.msg.properties.clone()
         } else {
             Default::default()
         };
-        if self.protocol.is_v5() {
+        if let Some(at) = d.msg.expires_at {
+            // MQTT-3.3.2-5: not delivered once expired; MQTT-3.3.2-6: the
+            // forwarded interval is what is left.
+            if at <= self.now && !dup {
+                self.discarded += 1;
+                return false;
+            }
+            if v5 {
+                let left = at.saturating_sub(self.now).max(1);
+                properties.set(mqtt::Property::MessageExpiryInterval(
+                    left.min(u64::from(u32::MAX)) as u32,
+                ));
+            }
+        }
+        let mut topic = d.msg.topic.clone();
+        if v5 {
             for id in &d.sub_ids {
                 properties.push(mqtt::Property::SubscriptionIdentifier(*id));
+            }
+            if let Some(alias) = self.alias_for(&topic) {
+                properties.push(mqtt::Property::TopicAlias(alias.0));
+                if alias.1 {
+                    topic = ByteStr::default();
+                }
             }
         }
         let p = Publish {
             dup,
             qos: d.qos,
             retain: d.retain,
-            topic: d.msg.topic.clone(),
+            topic,
             packet_id: pid,
             properties,
             payload: d.msg.payload.clone(),
         };
         if self.max_packet_out != 0 {
             let len = mqtt::encoded_len(&Packet::Publish(p.clone()), self.protocol);
-            if len > self.max_packet_out as usize {
+            if len > self.max_packet_out as usize && !dup {
                 // MQTT-3.1.2-25: discard, as if it had been sent.
-                self.oversize += 1;
-                return;
+                self.discarded += 1;
+                return false;
             }
         }
         self.conn.out.borrow_mut().push_publish(&p, self.protocol);
         self.conn.wake();
+        true
     }
 
     fn packet(&mut self, p: Packet) {
         self.conn.out.borrow_mut().push_packet(&p, self.protocol);
         self.conn.wake();
+    }
+}
+
+impl ConnOutbox<'_> {
+    /// The outgoing topic alias for `topic`: (alias, already known to the
+    /// client). Assigns new aliases until the client's maximum is reached.
+    fn alias_for(&self, topic: &ByteStr) -> Option<(u16, bool)> {
+        let mut st = self.conn.state.borrow_mut();
+        let max = st.alias_max_out;
+        if max == 0 {
+            return None;
+        }
+        let aliases = st.aliases.get_or_insert_with(Default::default);
+        if let Some(a) = aliases.outbound.get(topic) {
+            return Some((*a, true));
+        }
+        let next = aliases.outbound.len() + 1;
+        if next > usize::from(max) {
+            return None;
+        }
+        aliases.outbound.insert(topic.clone(), next as u16);
+        Some((next as u16, false))
     }
 }
 

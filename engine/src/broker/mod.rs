@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::task::Waker;
 use tarta_proto::acl::{Acl, ClientAcl};
 use tarta_proto::index::TopicIndex;
-use tarta_proto::mqtt::{Connect, Packet, QoS, SubOptions};
+use tarta_proto::mqtt::{Connect, Packet, QoS, SubOptions, Will};
 use tarta_proto::ws::FrameDecoder;
 use tarta_proto::ByteStr;
 
@@ -45,6 +45,18 @@ pub enum ShardMsg {
     /// Answer with `RouteAck(seq)` once the route changes before it are applied.
     RouteBarrier(u64),
     RouteAck(u64),
+    /// The sender has its first connected member of shared subscription
+    /// (group, filter).
+    ShareAdd(ByteStr, ByteStr),
+    /// The sender's last connected member of (group, filter) left.
+    ShareDel(ByteStr, ByteStr),
+    /// Deliver to one local member of shared subscription (group, filter):
+    /// the publishing shard chose this shard. `hops` bounds re-forwarding.
+    Shared {
+        key: Arc<(ByteStr, ByteStr)>,
+        msg: Arc<Message>,
+        hops: u8,
+    },
     /// A connection whose CONNECT named a client id homed on the receiver.
     Handoff(Box<Handoff>),
 }
@@ -92,6 +104,21 @@ pub struct SessionEntry {
     pub conn: Option<Rc<Conn>>,
     /// The ACL rules resolved for this client (None: no ACL configured).
     pub acl: Option<ClientAcl>,
+    /// Bumped at every (re)connection: timers of an older one are stale.
+    pub generation: u64,
+    /// Session Expiry Interval in seconds (0: ends with the connection;
+    /// u32::MAX: never).
+    pub expiry: u32,
+    /// A will waiting for its Will Delay Interval (5.0).
+    pub pending_will: Option<Box<Will>>,
+}
+
+/// Things that happen at a given broker second.
+enum TimerEvent {
+    /// The offline session expires (if still at this generation).
+    SessionExpiry { sid: usize, generation: u64 },
+    /// Its delayed will is due (if still at this generation).
+    Will { sid: usize, generation: u64 },
 }
 
 /// One matching subscription, before merging per session.
@@ -101,6 +128,21 @@ struct Match {
     rap: bool,
     sub_id: Option<u32>,
     filtered: bool,
+}
+
+/// This shard's connected members of one shared subscription.
+#[derive(Default)]
+pub struct ShareLocal {
+    /// (session, options, subscription identifier), in join order.
+    pub members: Vec<(usize, SubOptions, Option<u32>)>,
+    next: usize,
+}
+
+/// Which shards have connected members of one shared subscription
+/// (replicated on every shard), and the round-robin position.
+pub struct ShareRoute {
+    shards: Vec<u16>,
+    next: Cell<usize>,
 }
 
 /// A SUBACK held until every other shard has applied this shard's route
@@ -128,6 +170,12 @@ pub struct State {
     route_acked: Vec<u64>,
     held: Vec<HeldSuback>,
     scratch: Vec<Match>,
+    timers: std::collections::BTreeMap<(u64, u64), TimerEvent>,
+    timer_seq: u64,
+    /// Shared subscriptions: local members by (group, filter).
+    pub shares: HashMap<(ByteStr, ByteStr), ShareLocal>,
+    /// Shared subscriptions: filter -> group -> shards with members.
+    share_routes: TopicIndex<ByteStr, ShareRoute>,
 }
 
 pub struct Shard {
@@ -170,6 +218,10 @@ impl Shard {
                 route_acked: vec![0; n],
                 held: Vec::new(),
                 scratch: Vec::new(),
+                timers: Default::default(),
+                timer_seq: 0,
+                shares: HashMap::new(),
+                share_routes: TopicIndex::new(),
             }),
             metrics: Metrics::default(),
             now: Cell::new(0),
@@ -225,6 +277,7 @@ impl Shard {
             st.retained.set(&msg);
         }
         self.deliver_local(st, &msg);
+        self.route_shared(st, &msg);
         if self.n == 1 {
             return;
         }
@@ -257,6 +310,191 @@ impl Shard {
             };
             if hit && to != self.id {
                 self.forward(st, to, &msg);
+            }
+        }
+    }
+
+    /// Shared subscriptions are decided by the publishing shard only: for
+    /// each matching group, one shard with members (round robin), which
+    /// then picks one of its members (round robin).
+    fn route_shared(&self, st: &mut State, msg: &Arc<Message>) {
+        if st.share_routes.is_empty() {
+            return;
+        }
+        let mut picks: Vec<(Arc<(ByteStr, ByteStr)>, u16)> = Vec::new();
+        st.share_routes
+            .for_each_match(&msg.topic, |filter, group, route| {
+                if route.shards.is_empty() {
+                    return;
+                }
+                let i = route.next.get();
+                route.next.set(i.wrapping_add(1));
+                let to = route.shards[i % route.shards.len()];
+                picks.push((Arc::new((group.clone(), ByteStr::from(filter))), to));
+            });
+        for (key, to) in picks {
+            self.send_shared(st, key, msg.clone(), to as usize, 0);
+        }
+    }
+
+    fn send_shared(
+        &self,
+        st: &mut State,
+        key: Arc<(ByteStr, ByteStr)>,
+        msg: Arc<Message>,
+        to: usize,
+        hops: u8,
+    ) {
+        if to == self.id {
+            self.deliver_shared(st, key, msg, hops);
+        } else if msg.qos == QoS::AtMostOnce && st.outbox[to].len() >= OUTBOX_HIGH {
+            Metrics::inc(&self.metrics.qos0_dropped);
+        } else {
+            self.push_out(st, to, ShardMsg::Shared { key, msg, hops });
+        }
+    }
+
+    /// Gives `msg` to one local member of the shared subscription `key`; if
+    /// none is left here (it just went away), to another shard with members.
+    fn deliver_shared(
+        &self,
+        st: &mut State,
+        key: Arc<(ByteStr, ByteStr)>,
+        msg: Arc<Message>,
+        hops: u8,
+    ) {
+        let pick = st.shares.get_mut(&*key).and_then(|local| {
+            if local.members.is_empty() {
+                return None;
+            }
+            let i = local.next % local.members.len();
+            local.next = local.next.wrapping_add(1);
+            Some(local.members[i])
+        });
+        match pick {
+            Some((sid, opts, sub_id)) => {
+                let d = Delivery {
+                    qos: opts.qos.min(msg.qos),
+                    retain: opts.retain_as_published && msg.retain,
+                    sub_ids: sub_id.into_iter().collect(),
+                    share: Some(key),
+                    msg,
+                };
+                self.deliver_to(st, sid, d, true);
+            }
+            None if usize::from(hops) < self.n => {
+                let mut other = None;
+                if let Some(route) = st.share_routes.get(&key.1, &key.0) {
+                    other = route
+                        .shards
+                        .iter()
+                        .copied()
+                        .find(|s| usize::from(*s) != self.id);
+                }
+                match other {
+                    Some(to) => self.send_shared(st, key, msg, usize::from(to), hops + 1),
+                    None => Metrics::inc(&self.metrics.share_undeliverable),
+                }
+            }
+            None => Metrics::inc(&self.metrics.share_undeliverable),
+        }
+    }
+
+    /// A connected session joins shared subscription (group, filter).
+    /// Returns true if this shard's routes changed.
+    pub fn share_join(
+        &self,
+        st: &mut State,
+        key: (ByteStr, ByteStr),
+        sid: usize,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+    ) -> bool {
+        let local = st.shares.entry(key.clone()).or_default();
+        if let Some(m) = local.members.iter_mut().find(|m| m.0 == sid) {
+            *m = (sid, opts, sub_id);
+            return false;
+        }
+        local.members.push((sid, opts, sub_id));
+        if local.members.len() > 1 {
+            return false;
+        }
+        self.share_route_update(st, &key, self.id, true);
+        for to in 0..self.n {
+            if to != self.id {
+                self.push_out(st, to, ShardMsg::ShareAdd(key.0.clone(), key.1.clone()));
+            }
+        }
+        true
+    }
+
+    /// A session leaves shared subscription (group, filter) (unsubscribed,
+    /// disconnected or ended).
+    pub fn share_leave(&self, st: &mut State, key: &(ByteStr, ByteStr), sid: usize) {
+        let Some(local) = st.shares.get_mut(key) else {
+            return;
+        };
+        let before = local.members.len();
+        local.members.retain(|m| m.0 != sid);
+        if local.members.len() == before || !local.members.is_empty() {
+            return;
+        }
+        st.shares.remove(key);
+        self.share_route_update(st, key, self.id, false);
+        for to in 0..self.n {
+            if to != self.id {
+                self.push_out(st, to, ShardMsg::ShareDel(key.0.clone(), key.1.clone()));
+            }
+        }
+    }
+
+    fn share_route_update(
+        &self,
+        st: &mut State,
+        key: &(ByteStr, ByteStr),
+        shard: usize,
+        add: bool,
+    ) {
+        let (group, filter) = key;
+        let shard = shard as u16;
+        let emptied = match st.share_routes.get_mut(filter, group) {
+            Some(r) => {
+                r.shards.retain(|s| *s != shard);
+                if add {
+                    r.shards.push(shard);
+                    r.shards.sort_unstable();
+                }
+                r.shards.is_empty()
+            }
+            None => {
+                if add {
+                    let route = ShareRoute {
+                        shards: vec![shard],
+                        next: Cell::new(0),
+                    };
+                    st.share_routes.insert(filter, group.clone(), route);
+                }
+                false
+            }
+        };
+        if emptied {
+            st.share_routes.remove(filter, group);
+        }
+    }
+
+    /// Hands deliveries of a departed shared-subscription member to the
+    /// group again (MQTT-4.8.2: to another member).
+    pub fn reshare(&self, st: &mut State, moved: Vec<Delivery>) {
+        for d in moved {
+            let Some(key) = d.share else { continue };
+            let to = st.share_routes.get(&key.1, &key.0).and_then(|r| {
+                let i = r.next.get();
+                r.next.set(i.wrapping_add(1));
+                (!r.shards.is_empty()).then(|| r.shards[i % r.shards.len()])
+            });
+            match to {
+                Some(to) => self.send_shared(st, key, d.msg, usize::from(to), 0),
+                None => Metrics::inc(&self.metrics.share_undeliverable),
             }
         }
     }
@@ -312,6 +550,7 @@ impl Shard {
                 qos,
                 retain: rap && msg.retain,
                 sub_ids,
+                share: None,
             };
             self.deliver_to(st, sid, d, filtered);
         }
@@ -338,10 +577,10 @@ impl Shard {
                     Metrics::inc(&self.metrics.qos0_dropped);
                     return;
                 }
-                let mut out = ConnOutbox::new(conn);
+                let mut out = ConnOutbox::new(conn, self.now.get());
                 let r = entry.session.deliver(d, Some(&mut out));
-                if out.oversize > 0 {
-                    Metrics::inc(&self.metrics.qos0_dropped);
+                if out.discarded > 0 {
+                    Metrics::inc(&self.metrics.expired_or_oversize);
                 }
                 r
             }
@@ -460,6 +699,9 @@ impl Shard {
                     st.route_acked[from] = st.route_acked[from].max(seq);
                     self.release_held(st);
                 }
+                ShardMsg::ShareAdd(g, f) => self.share_route_update(st, &(g, f), from, true),
+                ShardMsg::ShareDel(g, f) => self.share_route_update(st, &(g, f), from, false),
+                ShardMsg::Shared { key, msg, hops } => self.deliver_shared(st, key, msg, hops),
                 ShardMsg::Handoff(h) => handoffs.push(h),
             }
         }
@@ -482,11 +724,92 @@ impl Shard {
         }
     }
 
-    /// One second passed: close connections whose deadline is gone.
+    /// Schedules a timer event.
+    fn at(&self, st: &mut State, when: u64, ev: TimerEvent) {
+        st.timer_seq += 1;
+        let seq = st.timer_seq;
+        st.timers.insert((when, seq), ev);
+    }
+
+    /// An offline session: its delayed will and its expiry.
+    pub fn session_offline(&self, st: &mut State, sid: usize, will_delay: Option<u32>) {
+        let now = self.now.get();
+        let Some(e) = st.sessions.get(sid) else {
+            return;
+        };
+        let (generation, expiry) = (e.generation, e.expiry);
+        // The clock has one-second steps: +1 so that nothing fires early.
+        if let Some(delay) = will_delay {
+            // Published at the delay or when the session ends, whichever is first.
+            let delay = delay.min(expiry);
+            self.at(
+                st,
+                now + u64::from(delay) + 1,
+                TimerEvent::Will { sid, generation },
+            );
+        }
+        if expiry != u32::MAX {
+            self.at(
+                st,
+                now + u64::from(expiry) + 1,
+                TimerEvent::SessionExpiry { sid, generation },
+            );
+        }
+    }
+
+    fn run_timers(&self, st: &mut State, now: u64) {
+        while let Some(entry) = st.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ev = entry.remove();
+            let (sid, generation) = match &ev {
+                TimerEvent::SessionExpiry { sid, generation }
+                | TimerEvent::Will { sid, generation } => (*sid, *generation),
+            };
+            let live = st
+                .sessions
+                .get(sid)
+                .is_some_and(|e| e.generation == generation && e.conn.is_none());
+            if !live {
+                continue;
+            }
+            let will = st.sessions.get_mut(sid).and_then(|e| e.pending_will.take());
+            if let Some(w) = will {
+                self.publish_will(st, *w);
+            }
+            if let TimerEvent::SessionExpiry { .. } = ev {
+                client::drop_session(self, st, sid);
+            }
+        }
+    }
+
+    /// Routes a will message (after its ACL check by the caller).
+    pub fn publish_will(&self, st: &mut State, w: Will) {
+        let mut properties = w.properties;
+        properties.remove(0x18); // Will Delay Interval is not a PUBLISH property
+        let expires_at = properties
+            .message_expiry_interval()
+            .map(|s| self.now.get() + u64::from(s));
+        let msg = Arc::new(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties,
+            origin: None,
+            expires_at,
+        });
+        self.route(st, msg);
+    }
+
+    /// One second passed: close connections whose deadline is gone; run
+    /// session expiry and delayed wills.
     pub fn on_tick(&self, now: u64) {
         self.now.set(now);
         let mut due = Vec::new();
         let mut st = self.st.borrow_mut();
+        self.run_timers(&mut st, now);
         st.wheel.expire(now, &mut due);
         for (at, w) in due {
             let Some(conn) = w.upgrade() else { continue };
@@ -523,6 +846,7 @@ impl Shard {
                 retain: true,
                 properties: Default::default(),
                 origin: None,
+                expires_at: None,
             });
             self.route(&mut st, msg);
         }

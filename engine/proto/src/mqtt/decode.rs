@@ -304,7 +304,8 @@ fn property(r: &mut Reader<'_>, id: u8) -> Result<Property> {
         P::REASON_STRING => P::ReasonString(r.string()?),
         P::RECEIVE_MAXIMUM => P::ReceiveMaximum(nonzero(r.u16()?, "receive maximum 0")?),
         P::TOPIC_ALIAS_MAXIMUM => P::TopicAliasMaximum(r.u16()?),
-        P::TOPIC_ALIAS => P::TopicAlias(nonzero(r.u16()?, "topic alias 0 (MQTT-3.3.2-8)")?),
+        // Topic Alias 0 decodes: the receiver answers DISCONNECT 0x94 (MQTT-3.3.2-8).
+        P::TOPIC_ALIAS => P::TopicAlias(r.u16()?),
         P::MAXIMUM_QOS => P::MaximumQoS(flag(r.u8()?, "maximum QoS above 1")?),
         P::RETAIN_AVAILABLE => P::RetainAvailable(flag(r.u8()?, "retain available above 1")?),
         P::USER_PROPERTY => P::UserProperty(r.string()?, r.string()?),
