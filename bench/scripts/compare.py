@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Tarta vs Mosquitto vs rumqttd, side by side, with the bundled loadgen.
+
+Starts each broker on its own free ports with comparable settings, runs the
+same loadgen scenarios against each, alternating A B C for --rounds rounds
+(so drift on a shared machine hits all brokers alike), and prints medians and
+ratios (Tarta / peer). Installs what is missing (Mosquitto from Debian,
+rumqttd with `cargo install`) unless --no-install.
+
+    bench/compare            # full run (about 15 minutes)
+    bench/compare --quick    # under 3 minutes
+    bench/compare --json results.json
+
+The fair throughput figure on a small machine where loadgen competes with
+the broker for CPU is messages per broker CPU-second (`msgs_per_broker_cpu_s`).
+"""
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, **kw)
+
+
+def ensure_tools(args):
+    if not shutil.which("mosquitto") and not os.path.exists("/usr/sbin/mosquitto"):
+        if args.no_install:
+            sys.exit("mosquitto is missing (apt-get install mosquitto)")
+        sh(["apt-get", "install", "-y", "-q", "mosquitto"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if not shutil.which("rumqttd"):
+        if args.no_install:
+            sys.exit("rumqttd is missing (cargo install rumqttd)")
+        # Without --locked: rumqttd's lockfile no longer builds.
+        sh(["cargo", "install", "rumqttd"], check=True)
+    for name, path in (("tarta", args.tarta), ("loadgen", args.loadgen)):
+        if not os.path.exists(path):
+            sh(["cargo", "build", "--release", "-p", "tarta" if name == "tarta" else "loadgen"], cwd=ROOT, check=True)
+
+
+class Broker:
+    """One broker process on fresh ports."""
+
+    def __init__(self, name, args):
+        self.name, self.args = name, args
+        self.dir = tempfile.mkdtemp(prefix=f"compare-{name}-")
+        self.port, self.ws_port = free_port(), free_port()
+        self.proc = None
+
+    def start(self):
+        log = open(os.path.join(self.dir, "log"), "w")
+        if self.name == "tarta":
+            cmd = [self.args.tarta, "--tcp", f"127.0.0.1:{self.port}", "--ws", f"127.0.0.1:{self.ws_port}",
+                   "--shards", "2", "--no-pin", "--log", "warn", "--sys-interval", "0"]
+        elif self.name == "mosquitto":
+            conf = os.path.join(self.dir, "mosquitto.conf")
+            with open(conf, "w") as f:
+                f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\n"
+                        f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n")
+            cmd = [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", conf]
+        else:
+            conf = os.path.join(self.dir, "rumqttd.toml")
+            with open(conf, "w") as f:
+                f.write(f"""id = 0
+[router]
+id = 0
+max_connections = 20010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{self.port}"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 2097152
+    max_inflight_count = 100
+    dynamic_filters = true
+""")
+            cmd = [shutil.which("rumqttd"), "-c", conf, "-q"]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start; see {self.dir}/log")
+        time.sleep(0.5)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def loadgen(args, broker, scenario, extra, transport="tcp"):
+    out = os.path.join(broker.dir, f"{scenario}-{time.time_ns()}.json")
+    port = broker.ws_port if transport == "ws" else broker.port
+    cmd = [args.loadgen, scenario, "--port", str(port), "--transport", transport,
+           "--broker-pid", str(broker.proc.pid), "--json", out, "--quiet"] + extra
+    r = sh(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    try:
+        with open(out) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        print(r.stderr[-2000:], file=sys.stderr)
+        return None
+    res["exit"] = r.returncode
+    return res
+
+
+def scenarios(quick):
+    d = "3" if quick else "10"
+    w = "1" if quick else "2"
+    base = ["--duration", d, "--warmup", w]
+    fan_subs = "200" if quick else "1000"
+    s = [
+        # name, loadgen subcommand, args, figures to report, brokers, fresh broker, transport
+        ("QoS 0 pairs (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "0"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
+        ("QoS 1 pairs (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "1"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
+        (f"fan-out 1->{fan_subs} (QoS 0, 64 B)", "fanout", base + ["-p", "1", "-s", fan_subs, "--rate", "200", "--qos", "0"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
+        ("latency: 100 pairs x 100 msg/s (QoS 0)", "pairs", base + ["-n", "100", "--rate", "100", "--qos", "0"],
+         ["latency_us.p50", "latency_us.p99"], None, False, "tcp"),
+        ("QoS 0 pairs over WebSocket (10, max rate)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "0"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], ["tarta", "mosquitto"], False, "ws"),
+        ("1 MiB message, QoS 1, TCP: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "3", "--warmup", "0", "--drain-timeout", "60"],
+         ["latency_us.p50"], ["tarta", "mosquitto"], False, "tcp"),
+        ("1 MiB message, QoS 1, WebSocket: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "1", "--warmup", "0", "--drain-timeout", "90", "--ack-timeout", "90"],
+         ["latency_us.p50"], ["tarta"] if quick else ["tarta", "mosquitto"], False, "ws"),
+    ]
+    conns = ["10000"] if quick else ["10000", "19000"]
+    for n in conns:
+        procs = "2" if int(n) > 15000 else "1"
+        s.append((f"RSS per idle connection ({n})", "conn", ["-n", n, "--procs", procs, "--duration", "2", "--connect-rate", "5000"],
+                  ["broker_rss_per_connection_b"], None, True, "tcp"))
+    return s
+
+
+def pick(res, key):
+    cur = res
+    for k in key.split("."):
+        if not isinstance(cur, dict) or k not in cur:
+            return None
+        cur = cur[k]
+    return cur
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs, one round: under 3 minutes")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--brokers", default="tarta,mosquitto,rumqttd")
+    ap.add_argument("--tarta", default=os.path.join(ROOT, "target/release/tarta"))
+    ap.add_argument("--loadgen", default=os.path.join(ROOT, "target/release/loadgen"))
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--no-install", action="store_true")
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    ensure_tools(args)
+    names = args.brokers.split(",")
+    results = {}  # scenario -> broker -> figure -> [values]
+    started = time.time()
+    for title, cmd, extra, figures, only, fresh, transport in scenarios(args.quick):
+        brokers = [n for n in names if only is None or n in only]
+        for r in range(rounds):
+            for name in brokers:  # A B C, A B C, ...
+                b = Broker(name, args)
+                try:
+                    b.start()
+                    res = loadgen(args, b, cmd, extra, transport)
+                finally:
+                    b.stop()
+                if res is None:
+                    continue
+                for fig in figures:
+                    v = pick(res, fig)
+                    if v is not None:
+                        results.setdefault(title, {}).setdefault(name, {}).setdefault(fig, []).append(v)
+                print(f"[{time.time() - started:5.0f}s] {title} | {name} | round {r + 1}: " +
+                      ", ".join(f"{f}={pick(res, f)}" for f in figures) + (f" (loadgen exit {res['exit']})" if res["exit"] else ""),
+                      file=sys.stderr)
+    # Report: medians and ratios.
+    lines = [f"# compare: {rounds} round(s), brokers {', '.join(names)}, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    lines.append("| scenario | figure | " + " | ".join(names) + " | " + " | ".join(f"Tarta/{n}" for n in names if n != "tarta") + " |")
+    lines.append("|---|---|" + "---|" * (len(names) * 2 - 1))
+    for title, per in results.items():
+        figs = sorted({f for b in per.values() for f in b})
+        for fig in figs:
+            med = {n: statistics.median(per[n][fig]) if n in per and fig in per[n] else None for n in names}
+            def fmt(v):
+                return "-" if v is None else (f"{v:,.0f}" if abs(v) >= 10 else f"{v:.2f}")
+            ratios = []
+            for n in names:
+                if n == "tarta":
+                    continue
+                t, p = med.get("tarta"), med.get(n)
+                ratios.append("-" if not t or not p else f"{t / p:.2f}x")
+            lines.append(f"| {title} | {fig} | " + " | ".join(fmt(med[n]) for n in names) + " | " + " | ".join(ratios) + " |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": rounds, "results": results}, f, indent=2)
+    print(f"\n(total {time.time() - started:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
