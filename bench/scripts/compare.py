@@ -135,13 +135,14 @@ def scenarios(quick):
     w = "1" if quick else "2"
     base = ["--duration", d, "--warmup", w]
     fan_subs = "200" if quick else "1000"
+    fan_rate = "2000" if quick else "500"  # deliveries/s offered: 400k (quick) / 500k
     s = [
         # name, loadgen subcommand, args, figures to report, brokers, fresh broker, transport
         ("QoS 0 pairs (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "0"],
          ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
         ("QoS 1 pairs (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "1"],
          ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
-        (f"fan-out 1->{fan_subs} (QoS 0, 64 B)", "fanout", base + ["-p", "1", "-s", fan_subs, "--rate", "200", "--qos", "0"],
+        (f"fan-out 1->{fan_subs} (QoS 0, 64 B)", "fanout", base + ["-p", "1", "-s", fan_subs, "--rate", fan_rate, "--qos", "0"],
          ["delivered_per_s", "msgs_per_broker_cpu_s"], None, False, "tcp"),
         ("latency: 100 pairs x 100 msg/s (QoS 0)", "pairs", base + ["-n", "100", "--rate", "100", "--qos", "0"],
          ["latency_us.p50", "latency_us.p99"], None, False, "tcp"),

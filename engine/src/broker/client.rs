@@ -262,14 +262,14 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
                 window,
                 cfg.max_queued_messages,
             );
-            let sid = st.sessions.insert(SessionEntry {
+            let sid = st.sessions.insert(Box::new(SessionEntry {
                 session,
                 conn: None,
                 acl: None,
                 generation: 0,
                 expiry,
                 pending_will: None,
-            });
+            }));
             st.clients.insert(client_id.clone(), sid);
             sid
         }

@@ -158,7 +158,9 @@ struct HeldSuback {
 
 pub struct State {
     pub clients: HashMap<ByteStr, usize>,
-    pub sessions: Slab<SessionEntry>,
+    /// Boxed: the slab grows by doubling, and an idle client should not
+    /// pay for that slack on a few hundred bytes.
+    pub sessions: Slab<Box<SessionEntry>>,
     pub index: TopicIndex<usize, Sub>,
     /// Which other shards have subscribers, by filter.
     pub routes: TopicIndex<u16, ()>,

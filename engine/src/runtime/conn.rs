@@ -226,7 +226,11 @@ impl Io {
     fn read(&mut self, cx: &mut Context<'_>, rt: &Rt) -> Poll<io::Result<BytesMut>> {
         let mut rb = rt.rbuf.borrow_mut();
         if rb.len() < 4096 {
-            *rb = BytesMut::zeroed(super::READ_CHUNK);
+            // Reuses the chunk in place once every slice of it is gone
+            // (no fresh pages to fault in), else allocates a new one.
+            rb.clear();
+            rb.reserve(super::READ_CHUNK);
+            rb.resize(super::READ_CHUNK, 0);
         }
         match futures_lite::io::AsyncRead::poll_read(Pin::new(&mut self.stream), cx, &mut rb[..]) {
             Poll::Ready(Ok(n)) => Poll::Ready(Ok(rb.split_to(n))),

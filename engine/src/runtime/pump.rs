@@ -48,7 +48,9 @@ pub async fn mesh_pump(rt: Rc<Rt>) {
                     if st.outbox[to].is_empty() {
                         continue;
                     }
-                    let batch = std::mem::take(&mut st.outbox[to]);
+                    // The next batch starts with room for as many again.
+                    let cap = st.outbox[to].len();
+                    let batch = std::mem::replace(&mut st.outbox[to], Vec::with_capacity(cap));
                     if let Err(batch) = rt.mesh.try_send(to, batch) {
                         st.outbox[to] = batch;
                         full = true;
