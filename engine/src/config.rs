@@ -161,7 +161,7 @@ impl Config {
             max_inflight: file.max_inflight.unwrap_or(64),
             receive_maximum: file.receive_maximum.unwrap_or(1024),
             topic_alias_maximum: file.topic_alias_maximum.unwrap_or(64),
-            max_queued_messages: file.max_queued_messages.unwrap_or(1000),
+            max_queued_messages: file.max_queued_messages.unwrap_or(10_000),
             max_queued_bytes: file.max_queued_bytes.unwrap_or(4 * 1024 * 1024),
             connect_timeout: file.connect_timeout.unwrap_or(10),
             sys_interval: cli.sys_interval.or(file.sys_interval).unwrap_or(10),

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Interop checks for Tarta with the Eclipse Paho Python client (paho-mqtt 2.x).
 
-    python3 tests/interop/paho_check.py --port PORT [CHECK ...]
+    python3 tests/interop/paho_check.py --port PORT [--ws-port WSPORT] [CHECK ...]
     python3 tests/interop/paho_check.py --list
 
 Runs the named checks (all of them by default) against a Tarta broker on
-127.0.0.1:PORT started with --shards 2 and --sys-interval 1, prints
+127.0.0.1:PORT started with --shards 2 and --sys-interval 1 (the `ws-...`
+checks also use its MQTT over WebSocket listener on WSPORT, path /mqtt), prints
 `ok - NAME` or `not ok - NAME: why` for each and exits 1 if any failed.
 Every wait is bounded; a whole check is also bounded by a watchdog alarm.
 """
@@ -38,6 +39,9 @@ SHARDS = 2
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5
 VNAME = {V311: "v311", V5: "v5"}
+WS_PATH = "/mqtt"
+# Set from --ws-port: the broker's MQTT over WebSocket port.
+WS_PORT = None
 
 
 class CheckFailed(Exception):
@@ -67,7 +71,7 @@ def rc_value(rc) -> int:
 class Conn:
     """A paho client on its own network thread with synchronous helpers."""
 
-    def __init__(self, port: int, client_id: str, protocol: int, clean: bool = True):
+    def __init__(self, port: int, client_id: str, protocol: int, clean: bool = True, transport: str = "tcp"):
         self.port = port
         self.protocol = protocol
         self.clean = clean
@@ -79,8 +83,11 @@ class Conn:
             client_id=client_id,
             protocol=protocol,
             reconnect_on_failure=False,
+            transport=transport,
             **kwargs,
         )
+        if transport == "websockets":
+            self.c.ws_set_options(path=WS_PATH)
         self.name = client_id or "<empty id>"
         self.cv = threading.Condition()
         self.connack = None  # (reason code, flags, properties)
@@ -188,8 +195,13 @@ class Clients:
         self.port = port
         self.all = []
 
-    def connect(self, client_id, protocol, clean=True):
-        conn = Conn(self.port, client_id, protocol, clean)
+    def connect(self, client_id, protocol, clean=True, ws=False):
+        if ws:
+            if WS_PORT is None:
+                raise CheckFailed("--ws-port is required for the ws-... checks")
+            conn = Conn(WS_PORT, client_id, protocol, clean, transport="websockets")
+        else:
+            conn = Conn(self.port, client_id, protocol, clean)
         self.all.append(conn)
         return conn.connect()
 
@@ -340,6 +352,38 @@ def assigned_id(port):
         cl.close()
 
 
+def ws_round_trip(port, protocol, ws_publishes, n=50):
+    """paho over WebSocket (transport="websockets", path /mqtt) and paho over
+    TCP, publisher homed on shard 0 and subscriber on shard 1: n messages at
+    each QoS 0, 1, 2, exact payloads, order and QoS."""
+    v = VNAME[protocol]
+    tag = f"pw{v}{'w' if ws_publishes else 't'}"
+    cl = Clients(port)
+    try:
+        sub = cl.connect(pick_id(f"{tag}s", 1), protocol, ws=not ws_publishes)
+        pub = cl.connect(pick_id(f"{tag}p", 0), protocol, ws=ws_publishes)
+        topics = {q: f"paho/ws/{v}/{tag}/q{q}" for q in (0, 1, 2)}
+        sub.subscribe_ok([(topics[q], q) for q in (0, 1, 2)])
+        payloads = {q: [f"{tag}-q{q}-{i}".encode() for i in range(n)] for q in (0, 1, 2)}
+        for q in (0, 1, 2):
+            pub.publish_all(topics[q], payloads[q], q)
+        sub.wait_count(3 * n)
+        time.sleep(0.5)  # duplicates, if any, would arrive now
+        if len(sub.received()) != 3 * n:
+            raise CheckFailed(f"expected {3 * n} messages in all, got {len(sub.received())}")
+        for q in (0, 1, 2):
+            want = [(topics[q], p, q, False) for p in payloads[q]]
+            got = sub.received(lambda t, x=topics[q]: t == x)
+            if got != want:
+                bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                raise CheckFailed(
+                    f"QoS {q}: expected {len(want)} messages, got {len(got)}; first difference at {bad}: "
+                    f"expected {want[bad] if bad < len(want) else None}, got {got[bad] if bad < len(got) else None}"
+                )
+    finally:
+        cl.close()
+
+
 CHECKS = {}
 for _proto in (V311, V5):
     for _q in (0, 1, 2):
@@ -351,6 +395,9 @@ CHECKS["v5-overlapping-subs-one-copy"] = lambda port: overlapping(port, V5)
 CHECKS["sys-not-matched-by-wildcards"] = sys_topics
 CHECKS["v5-bad-wildcard-suback-0x8f"] = bad_wildcard
 CHECKS["v5-assigned-client-id"] = assigned_id
+for _proto in (V311, V5):
+    CHECKS[f"ws-{VNAME[_proto]}-ws-to-tcp-qos012"] = lambda port, p=_proto: ws_round_trip(port, p, True)
+    CHECKS[f"ws-{VNAME[_proto]}-tcp-to-ws-qos012"] = lambda port, p=_proto: ws_round_trip(port, p, False)
 
 
 def _alarm(signum, frame):
@@ -360,6 +407,7 @@ def _alarm(signum, frame):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, help="Tarta's MQTT/TCP port on 127.0.0.1")
+    ap.add_argument("--ws-port", type=int, help="Tarta's MQTT over WebSocket port on 127.0.0.1 (ws-... checks)")
     ap.add_argument("--list", action="store_true", help="list the checks and exit")
     ap.add_argument("checks", nargs="*", help="checks to run (default: all)")
     args = ap.parse_args()
@@ -371,6 +419,8 @@ def main() -> int:
     unknown = [c for c in args.checks if c not in CHECKS]
     if unknown:
         ap.error(f"unknown checks {unknown}; see --list")
+    global WS_PORT
+    WS_PORT = args.ws_port
     signal.signal(signal.SIGALRM, _alarm)
     failed = 0
     for name in args.checks or list(CHECKS):

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Interop checks: Tarta against real third-party MQTT clients (Debian's
-# mosquitto-clients 2.0.x and paho-mqtt 2.x for Python).
+# mosquitto-clients 2.0.x, paho-mqtt 2.x for Python, MQTT.js 5 in Node.js and
+# in headless Chromium, and MQTT.js through an nginx reverse proxy).
 #
 #   bash tests/interop/run.sh [path/to/tarta]
 #
-# Starts its own broker on a free port (--shards 2 --no-pin --sys-interval 1),
-# prints `ok - NAME` / `not ok - NAME: why` per check and a final
-# `N passed, M failed` line; exits 1 if anything failed. See README.md.
+# Starts its own broker on free ports (--tcp and --ws, --shards 2 --no-pin
+# --sys-interval 1), prints `ok - NAME` / `not ok - NAME: why` per check and a
+# final `N passed, M failed` line; exits 1 if anything failed. See README.md.
 set -euo pipefail
 export LC_ALL=C
 
@@ -31,24 +32,38 @@ done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tarta-interop.XXXXXX")
 TARTA_PID=
 PORT=
+WS_PORT=
+# The second broker (behind nginx), nginx's master process, and the
+# timeout(1) running a Node.js script.
+TARTA2_PID=
+NGINX_PID=
+SUITE_PID=
 BG_PIDS=()
 PASSED=0
 FAILED=0
 WHY=
+
+# stop_pid PID: SIGTERM, up to 5 s, then SIGKILL.
+stop_pid() {
+    [[ -n $1 ]] && kill -0 "$1" 2>/dev/null || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 50); do
+        exited "$1" && break
+        sleep 0.1
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
 
 cleanup() {
     local pid
     for pid in "${BG_PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
-    if [[ -n $TARTA_PID ]] && kill -0 "$TARTA_PID" 2>/dev/null; then
-        kill -TERM "$TARTA_PID" 2>/dev/null || true
-        for _ in $(seq 50); do
-            kill -0 "$TARTA_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$TARTA_PID" 2>/dev/null || true
-    fi
+    stop_pid "$SUITE_PID"
+    stop_pid "$NGINX_PID"
+    stop_pid "$TARTA2_PID"
+    stop_pid "$TARTA_PID"
     if [[ -n ${INTEROP_KEEP:-} ]]; then
         echo "# work directory kept: $WORK" >&2
     else
@@ -451,7 +466,7 @@ check_placement() {
 # The Python paho-mqtt checks, one result line each.
 check_paho() {
     local out rc=0
-    out=$(timeout $((CLIENT_TIMEOUT * 3)) python3 "$HERE/paho_check.py" --port "$PORT" "$1" 2>&1) || rc=$?
+    out=$(timeout $((CLIENT_TIMEOUT * 3)) python3 "$HERE/paho_check.py" --port "$PORT" --ws-port "$WS_PORT" "$1" 2>&1) || rc=$?
     if ((rc != 0)); then
         WHY=$(printf '%s\n' "$out" | grep -m1 '^not ok' | sed 's/^not ok - [^:]*: //')
         [[ -n $WHY ]] || WHY="paho_check.py exited with status $rc: $(printf '%s' "$out" | tail -n 3 | tr '\n' ' ')"
@@ -459,9 +474,10 @@ check_paho() {
     fi
 }
 
+# check_log_clean NAME: no panic in $WORK/NAME.err.
 check_log_clean() {
-    if grep -qiE 'panic|RUST_BACKTRACE' "$WORK/tarta.err"; then
-        WHY="broker log: $(grep -m1 -iE 'panic|RUST_BACKTRACE' "$WORK/tarta.err")"
+    if grep -qiE 'panic|RUST_BACKTRACE' "$WORK/$1.err"; then
+        WHY="broker log: $(grep -m1 -iE 'panic|RUST_BACKTRACE' "$WORK/$1.err")"
         return 1
     fi
 }
@@ -470,36 +486,201 @@ check_log_clean() {
 exited() {
     [[ ! -e /proc/$1 ]] || grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null
 }
+# check_shutdown VAR: SIGTERM to the broker whose pid is in $VAR (TARTA_PID
+# or TARTA2_PID), which must exit 0 within 5 s; clears VAR.
 check_shutdown() {
-    kill -TERM "$TARTA_PID"
-    if ! wait_for 5 exited "$TARTA_PID"; then
+    local pid=${!1}
+    kill -TERM "$pid"
+    if ! wait_for 5 exited "$pid"; then
         WHY="still running 5 s after SIGTERM"
         return 1
     fi
     local rc=0
-    wait "$TARTA_PID" || rc=$?
-    TARTA_PID=
+    wait "$pid" || rc=$?
+    printf -v "$1" '%s' ''
     if ((rc != 0)); then
         WHY="exit status $rc"
         return 1
     fi
 }
 
-# ----------------------------------------------------------------- main
+# ---------------------------------------------- Node.js, Chromium and nginx
 
-"$TARTA" --tcp 127.0.0.1:0 --shards 2 --no-pin --sys-interval 1 \
-    >"$WORK/tarta.out" 2>"$WORK/tarta.err" &
-TARTA_PID=$!
-deadline=$((SECONDS + 15))
-until PORT=$(sed -n 's|^tarta listening mqtt/tcp 127\.0\.0\.1:\([0-9][0-9]*\)$|\1|p' "$WORK/tarta.out" | head -n1) && [[ -n $PORT ]]; do
-    if ! alive "$TARTA_PID" || ((SECONDS >= deadline)); then
-        echo "tarta did not start:" >&2
-        cat "$WORK/tarta.out" "$WORK/tarta.err" >&2
+# node_ready: Node.js and tests/interop/node_modules (`npm ci`) are there.
+node_ready() {
+    if ! command -v node >/dev/null; then
+        WHY="node is not installed (Node.js >= 20, see README.md)"
+        return 1
+    fi
+    if [[ ! -f $HERE/node_modules/mqtt/dist/mqtt.min.js || ! -d $HERE/node_modules/playwright-core ]]; then
+        WHY="$HERE/node_modules is incomplete: run 'npm ci' in tests/interop"
+        return 1
+    fi
+}
+
+# run_suite LABEL SECONDS COMMAND...: runs a script that prints `ok - NAME` /
+# `not ok - NAME: why` lines, as it goes, as `ok - LABEL NAME`, and counts
+# them. Lines `key=number` (measurements) and `# ...` pass through; anything
+# else (a stack trace, say) is printed as a `# ` comment. The script exiting
+# non-zero (or timing out) without a `not ok` line, or printing no `ok` line
+# at all, counts as one more failure.
+run_suite() {
+    local label=$1 secs=$2
+    shift 2
+    local line rc=0 oks=0 bad=0 log=$WORK/suite-$label.log out=$WORK/suite-$label.out
+    : >"$log"
+    : >"$out"
+    # In the background with its pid in SUITE_PID, so that the exit trap can
+    # stop it (timeout(1) passes SIGTERM on; playwright then closes Chromium).
+    timeout -k 5 "$secs" "$@" >"$out" 2>&1 &
+    SUITE_PID=$!
+    while IFS= read -r line; do
+        case $line in
+        "ok - "*)
+            echo "ok - $label ${line#ok - }"
+            PASSED=$((PASSED + 1)) oks=$((oks + 1))
+            ;;
+        "not ok - "*)
+            echo "not ok - $label ${line#not ok - }"
+            FAILED=$((FAILED + 1)) bad=$((bad + 1))
+            ;;
+        "#"* | [a-z]*=[0-9]*) echo "$line" ;;
+        *)
+            echo "# $line"
+            echo "$line" >>"$log"
+            ;;
+        esac
+    done < <(tail -s 0.2 -n +1 -f --pid="$SUITE_PID" "$out")
+    wait "$SUITE_PID" || rc=$?
+    SUITE_PID=
+    if ((rc != 0 && bad == 0)) || ((oks + bad == 0)); then
+        local why="exited with status $rc"
+        ((rc == 124)) && why="timed out after ${secs}s"
+        echo "not ok - $label: $why: $(tail -n 3 "$log" | tr '\n' ' ')"
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+# node_suite LABEL SECONDS SCRIPT ARGS...: run_suite for a Node.js script,
+# or one failure if Node.js or node_modules is missing.
+node_suite() {
+    local label=$1 secs=$2 script=$3
+    shift 3
+    if node_ready; then
+        run_suite "$label" "$secs" node "$HERE/$script" "$@"
+    else
+        echo "not ok - $label: $WHY"
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# setup_nginx: a second broker (`proxied`) whose config trusts 127.0.0.1 as
+# a proxy, with --log debug, and nginx running nginx-example.conf with only
+# its marked lines rewritten (free port, the broker's ws port, files in
+# $WORK/nginx, daemon off). Sets TARTA2_PID, TCP2, NGINX_PORT, NGINX_PID.
+setup_nginx() {
+    if ! command -v nginx >/dev/null; then
+        WHY="nginx is not installed (apt-get install nginx)"
+        return 1
+    fi
+    printf '%s\n' 'ws_trusted_proxies = ["127.0.0.1"]' >"$WORK/proxied.toml"
+    launch_tarta proxied --config "$WORK/proxied.toml" --log debug
+    TARTA2_PID=$L_PID TCP2=$L_TCP
+    local d=$WORK/nginx ws2=$L_WS
+    mkdir -p "$d"
+    NGINX_PORT=$(free_port)
+    sed -e "1i daemon off;" \
+        -e "s|^pid .*|pid $d/nginx.pid;|" \
+        -e "s|^error_log .*|error_log $d/error.log info;|" \
+        -e "s|^\( *\)access_log .*|\1access_log $d/access.log;|" \
+        -e "s|^http {|http {\n    client_body_temp_path $d/body; proxy_temp_path $d/proxy; fastcgi_temp_path $d/fastcgi; uwsgi_temp_path $d/uwsgi; scgi_temp_path $d/scgi;|" \
+        -e "s|listen 127\.0\.0\.1:8080;|listen 127.0.0.1:$NGINX_PORT;|" \
+        -e "s|http://127\.0\.0\.1:8083;|http://127.0.0.1:$ws2;|" \
+        "$HERE/nginx-example.conf" >"$d/nginx.conf"
+    local want
+    for want in "pid $d/nginx.pid;" "error_log $d/error.log info;" "access_log $d/access.log;" \
+        "proxy_temp_path $d/proxy;" "listen 127.0.0.1:$NGINX_PORT;" "http://127.0.0.1:$ws2;"; do
+        if ! grep -qF -- "$want" "$d/nginx.conf"; then
+            WHY="rewriting nginx-example.conf did not produce '$want': keep its marked lines as run.sh expects"
+            return 1
+        fi
+    done
+    if grep -v '^[[:space:]]*#' "$d/nginx.conf" | grep -q '127\.0\.0\.1:808[03]'; then
+        WHY="nginx-example.conf has an address run.sh did not rewrite: $(grep -v '^[[:space:]]*#' "$d/nginx.conf" | grep -m1 '127\.0\.0\.1:808[03]')"
+        return 1
+    fi
+    if ! timeout 20 nginx -t -q -c "$d/nginx.conf" -p "$d/" -e "$d/error.log" >"$d/test.out" 2>&1; then
+        WHY="nginx -t: $(tr '\n' ' ' <"$d/test.out")"
+        return 1
+    fi
+    nginx -c "$d/nginx.conf" -p "$d/" -e "$d/error.log" >"$d/stdout" 2>&1 &
+    NGINX_PID=$!
+    if ! wait_for 10 port_open "$NGINX_PORT"; then
+        WHY="nginx not listening on 127.0.0.1:$NGINX_PORT after 10 s: $(tail -n 3 "$d/error.log" "$d/stdout" 2>/dev/null | tr '\n' ' ')"
+        return 1
+    fi
+    echo "# nginx pid $NGINX_PID ($(nginx -v 2>&1 | sed 's|.*/||')) on 127.0.0.1:$NGINX_PORT -> tarta pid $TARTA2_PID ws 127.0.0.1:$ws2 (ws_trusted_proxies = [\"127.0.0.1\"], --log debug)"
+}
+
+# SIGTERM (fast shutdown) to nginx's master: gone within 5 s.
+check_nginx_stop() {
+    kill -TERM "$NGINX_PID"
+    if ! wait_for 5 exited "$NGINX_PID"; then
+        WHY="nginx still running 5 s after SIGTERM"
+        return 1
+    fi
+    wait "$NGINX_PID" 2>/dev/null || true
+    NGINX_PID=
+}
+
+# The clients really went through nginx: its access log has the upgrades.
+check_nginx_upgrades() {
+    local n
+    n=$(grep -c '"GET /mqtt HTTP/1.1" 101 ' "$WORK/nginx/access.log" 2>/dev/null || true)
+    if ((n < 2)); then
+        WHY="expected at least 2 'GET /mqtt ... 101' lines in nginx's access log, found ${n:-0}"
+        return 1
+    fi
+}
+
+# launch_tarta NAME [ARGS...]: starts a broker on free TCP and WebSocket
+# ports (--shards 2 --no-pin --sys-interval 1 ARGS), stdout and stderr in
+# $WORK/NAME.{out,err}; sets L_PID, L_TCP, L_WS. Exits if it does not start.
+launch_tarta() {
+    local name=$1
+    shift
+    "$TARTA" --tcp 127.0.0.1:0 --ws 127.0.0.1:0 --shards 2 --no-pin --sys-interval 1 "$@" \
+        >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    L_PID=$!
+    local deadline=$((SECONDS + 15))
+    L_TCP= L_WS=
+    until grep -q '^tarta started with' "$WORK/$name.out" 2>/dev/null; do
+        if ! alive "$L_PID" || ((SECONDS >= deadline)); then
+            echo "tarta ($name) did not start:" >&2
+            cat "$WORK/$name.out" "$WORK/$name.err" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    L_TCP=$(sed -n 's|^tarta listening mqtt/tcp 127\.0\.0\.1:\([0-9][0-9]*\)$|\1|p' "$WORK/$name.out" | head -n1)
+    L_WS=$(sed -n 's|^tarta listening mqtt/ws 127\.0\.0\.1:\([0-9][0-9]*\)$|\1|p' "$WORK/$name.out" | head -n1)
+    if [[ -z $L_TCP || -z $L_WS ]]; then
+        echo "tarta ($name): no 'tarta listening mqtt/tcp|ws 127.0.0.1:PORT' lines:" >&2
+        cat "$WORK/$name.out" >&2
         exit 1
     fi
-    sleep 0.1
-done
-echo "# tarta pid $TARTA_PID listening on 127.0.0.1:$PORT ($(mosquitto_pub --help 2>&1 | sed -n 2p | cut -d' ' -f1-3), paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)' 2>/dev/null || echo missing))"
+}
+
+# ----------------------------------------------------------------- main
+
+launch_tarta main
+TARTA_PID=$L_PID PORT=$L_TCP WS_PORT=$L_WS
+echo "# tarta pid $TARTA_PID listening on 127.0.0.1:$PORT (tcp), 127.0.0.1:$WS_PORT (ws) ($(mosquitto_pub --help 2>&1 | sed -n 2p | cut -d' ' -f1-3), paho-mqtt $(python3 -c 'import paho.mqtt; print(paho.mqtt.__version__)' 2>/dev/null || echo missing), node $(node --version 2>/dev/null || echo missing))"
 
 run_check "client ids land on the intended shard" check_placement
 run_check "mosquitto QoS 0 pub->sub across shards" check_qos 0
@@ -528,14 +709,39 @@ else
     FAILED=$((FAILED + 1))
 fi
 
-run_check "broker log has no panic" check_log_clean
-run_check "broker exits with status 0 within 5 s of SIGTERM" check_shutdown
+# Paho over WebSocket ran above (paho ws-...); now MQTT.js in Node.js and
+# in Chromium against the same broker.
+node_suite mqttjs $((CLIENT_TIMEOUT * 4)) ws_mqttjs.mjs --tcp "$PORT" --ws "$WS_PORT"
+if [[ -x ${CHROMIUM:-/usr/bin/chromium} ]]; then
+    node_suite chromium $((CLIENT_TIMEOUT * 3)) ws_chromium.mjs --tcp "$PORT" --ws "$WS_PORT"
+else
+    echo "not ok - chromium: ${CHROMIUM:-/usr/bin/chromium} not found (apt-get install chromium)"
+    FAILED=$((FAILED + 1))
+fi
+
+run_check "broker log has no panic" check_log_clean main
+run_check "broker exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA_PID
+
+# MQTT.js through nginx to a second broker that trusts nginx's X-Forwarded-For.
+WHY=
+if setup_nginx; then
+    node_suite nginx $((CLIENT_TIMEOUT * 2)) ws_nginx.mjs --proxy "$NGINX_PORT" --tcp "$TCP2" --log "$WORK/proxied.err"
+    run_check "nginx stops on SIGTERM" check_nginx_stop
+    run_check "nginx access log shows the proxied WebSocket upgrades (101)" check_nginx_upgrades
+else
+    echo "not ok - nginx: $WHY"
+    FAILED=$((FAILED + 1))
+fi
+if [[ -n $TARTA2_PID ]]; then
+    run_check "broker behind nginx: log has no panic" check_log_clean proxied
+    run_check "broker behind nginx exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA2_PID
+fi
 
 echo "$PASSED passed, $FAILED failed"
 if ((FAILED > 0)); then
-    if [[ -n ${INTEROP_KEEP:-} ]] || [[ -s $WORK/tarta.err ]]; then
+    if [[ -s $WORK/main.err ]]; then
         echo "# last lines of the broker log:" >&2
-        tail -n 20 "$WORK/tarta.err" >&2 || true
+        tail -n 20 "$WORK/main.err" >&2 || true
     fi
     exit 1
 fi
