@@ -346,3 +346,52 @@ fn v5_disconnect_reason_on_keep_alive_timeout() {
         "DISCONNECT 0x8D before closing: {seen:?}"
     );
 }
+
+#[test]
+fn a_slow_subscriber_loses_no_qos1_message_publishers_wait_instead() {
+    // DESIGN: QoS 1/2 are never dropped while the subscriber is connected;
+    // past `max_queued_messages` the publishers' reads pause.
+    let cfg = crate::errors::write_config("max_queued_messages = 200\n");
+    let b = Broker::start_with(&["--config", &cfg]);
+    let (mut sub, _) = Raw::connect(
+        b.port,
+        connect_packet(Protocol::V311, &id_on(1, "slow-sub"), true, 0),
+    );
+    subscribe(&mut sub, "slow/t", Q::AtLeastOnce);
+    let (mut publ, _) = Raw::connect(
+        b.port,
+        connect_packet(Protocol::V311, &id_on(0, "slow-pub"), true, 0),
+    );
+    const N: u16 = 3000;
+    let writer = std::thread::spawn(move || {
+        for i in 1..=N {
+            publish(&mut publ, "slow/t", Q::AtLeastOnce, i, b"payload");
+        }
+        // Every publish is acknowledged in the end.
+        let mut acks = 0;
+        while acks < N {
+            match publ.recv() {
+                Some(Packet::PubAck(_)) => acks += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        acks
+    });
+    // The subscriber stalls, then reads and acknowledges everything.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut got = 0u16;
+    while got < N {
+        match sub.recv() {
+            Some(Packet::Publish(p)) => {
+                got += 1;
+                sub.send(&Packet::PubAck(tarta::session::ack(p.packet_id, 0)));
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(got, N, "every acknowledged QoS 1 message is delivered");
+    assert_eq!(writer.join().unwrap(), N);
+    assert_eq!(crate::harness::sys_counter(b.port, "queue_dropped"), 0);
+}

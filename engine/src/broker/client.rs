@@ -126,6 +126,7 @@ fn with_session(
     if let Some(entry) = st.sessions.get_mut(sid) {
         let mut out = ConnOutbox::new(conn, shard.now.get());
         f(&mut entry.session, &mut out);
+        shard.congestion(entry);
     }
     Flow::Continue
 }
@@ -269,6 +270,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
                 generation: 0,
                 expiry,
                 pending_will: None,
+                congested: false,
             }));
             st.clients.insert(client_id.clone(), sid);
             sid
@@ -284,6 +286,8 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         // (MQTT-3.1.3-9): their timers see a newer generation.
         entry.generation += 1;
         entry.pending_will = None;
+        // Connected: the bound is soft (backpressure), the hard bound 8x.
+        entry.session.max_queued = cfg.max_queued_messages.saturating_mul(8);
     }
     {
         let mut cs = conn.state.borrow_mut();
@@ -355,6 +359,10 @@ pub(crate) fn drop_session(shard: &Shard, st: &mut State, sid: usize) {
         return;
     }
     let mut entry = st.sessions.remove(sid);
+    if entry.congested {
+        entry.conn = None;
+        shard.congestion(&mut entry);
+    }
     st.clients.remove(&entry.session.client_id);
     for filter in entry.session.subs.keys() {
         remove_sub(shard, st, sid, filter);
@@ -666,6 +674,8 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
         return;
     }
     entry.conn = None;
+    entry.session.max_queued = shard.cfg.max_queued_messages;
+    shard.congestion(entry);
     // Shared subscriptions deliver only to connected members: leave the
     // groups, and hand what this member had not acknowledged to another.
     let shares = shared_subs(&entry.session);

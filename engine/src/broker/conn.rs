@@ -276,6 +276,9 @@ pub struct Conn {
     pub held: Cell<bool>,
     /// Set when `held` clears: the task decodes what it kept back.
     pub resumed: Cell<bool>,
+    /// Its session has messages in flight: keep reading (acks) even while
+    /// the shard holds publishers back.
+    pub acking: Cell<bool>,
     waker: Cell<Option<Waker>>,
     close: RefCell<Option<CloseReason>>,
     /// Shard second of the last packet received.
@@ -298,6 +301,7 @@ impl Conn {
             wire_pending: Cell::new(0),
             held: Cell::new(false),
             resumed: Cell::new(false),
+            acking: Cell::new(false),
             waker: Cell::new(None),
             close: RefCell::new(None),
             last_heard: Cell::new(now),

@@ -111,6 +111,9 @@ pub struct SessionEntry {
     pub expiry: u32,
     /// A will waiting for its Will Delay Interval (5.0).
     pub pending_will: Option<Box<Will>>,
+    /// Its queue is above `max_queued_messages` while connected: the shard
+    /// holds publishers back until it drains (see `Shard::congestion`).
+    pub congested: bool,
 }
 
 /// Things that happen at a given broker second.
@@ -195,6 +198,8 @@ pub struct Shard {
     pub paused: RefCell<Vec<Waker>>,
     next_conn_id: Cell<u64>,
     pub shutting_down: Cell<bool>,
+    /// Connected sessions whose queue is above `max_queued_messages`.
+    pub congested: Cell<usize>,
 }
 
 /// Messages queued towards one shard beyond which QoS 0 is dropped and
@@ -231,6 +236,7 @@ impl Shard {
             paused: RefCell::new(Vec::new()),
             next_conn_id: Cell::new(0),
             shutting_down: Cell::new(false),
+            congested: Cell::new(0),
         }
     }
 
@@ -255,11 +261,45 @@ impl Shard {
 
     /// Whether publishers on this shard should stop reading for now.
     pub fn backlogged(&self) -> bool {
-        self.st
-            .borrow()
-            .outbox
-            .iter()
-            .any(|q| q.len() >= OUTBOX_HIGH)
+        self.congested.get() > 0
+            || self
+                .st
+                .borrow()
+                .outbox
+                .iter()
+                .any(|q| q.len() >= OUTBOX_HIGH)
+    }
+
+    /// Backpressure for QoS 1/2 (DESIGN: never dropped while the client is
+    /// connected; publishers' reads pause instead). A connected session's
+    /// queue may grow past `max_queued_messages` (up to 8 times, its hard
+    /// bound); while any session here is past it, this shard stops reading
+    /// from publishers and from the mesh, so other shards' publishers pause
+    /// too. Below half the bound, everything resumes.
+    pub fn congestion(&self, entry: &mut SessionEntry) {
+        let soft = self.cfg.max_queued_messages;
+        let q = entry.session.queued_len();
+        let over = entry.conn.is_some() && q >= soft;
+        if over && !entry.congested {
+            entry.congested = true;
+            self.congested.set(self.congested.get() + 1);
+        } else if entry.congested && (entry.conn.is_none() || q <= soft / 2) {
+            entry.congested = false;
+            self.congested.set(self.congested.get().saturating_sub(1));
+            if self.congested.get() == 0 {
+                for w in self.paused.take() {
+                    w.wake();
+                }
+                if let Some(w) = self.pump_waker.take() {
+                    w.wake();
+                }
+            }
+        }
+        if let Some(c) = &entry.conn {
+            // A subscriber with messages in flight must keep reading: its
+            // acknowledgements are what drains the congestion.
+            c.acking.set(entry.session.inflight_len() > 0);
+        }
     }
 
     pub fn push_out(&self, st: &mut State, to: usize, m: ShardMsg) {
@@ -588,6 +628,7 @@ impl Shard {
             }
             None => entry.session.deliver(d, None),
         };
+        self.congestion(entry);
         match r {
             Enqueued::Sent => Metrics::inc(&self.metrics.messages_sent),
             Enqueued::Queued => {}

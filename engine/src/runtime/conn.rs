@@ -184,8 +184,14 @@ impl Io {
                 // Waiting for a SUBACK to be released (woken then).
                 return Poll::Pending;
             }
+            if rt.shard.backlogged() && !conn.acking.get() {
+                // Backpressure: a subscriber here is congested, or the
+                // mesh towards another shard is full (woken when it clears).
+                rt.shard.paused.borrow_mut().push(cx.waker().clone());
+                return Poll::Pending;
+            }
             if conn.resumed.replace(false) {
-                // Decode what was kept back while the SUBACK was held.
+                // Decode what was kept back (held SUBACK, backpressure).
                 if let Some(o) = process(&mut self.partial, rt, conn, BytesMut::new()) {
                     return Poll::Ready(o);
                 }
@@ -197,10 +203,6 @@ impl Io {
             if conn.queued() >= max_queued {
                 // The client is not reading: stop reading from it too. The
                 // pending write wakes us when the socket drains.
-                return Poll::Pending;
-            }
-            if rt.shard.backlogged() {
-                rt.shard.paused.borrow_mut().push(cx.waker().clone());
                 return Poll::Pending;
             }
             let data = match self.read(cx, rt) {
@@ -253,7 +255,7 @@ impl Io {
         if !ws.open && !upgrade(rt, conn, ws, &mut raw) {
             return None;
         }
-        while !conn.is_closing() && !conn.held.get() {
+        while !conn.is_closing() && !conn.held.get() && !conn.resumed.get() {
             match ws.decoder.next(&mut raw) {
                 Ok(Some(WsEvent::Data(chunk))) => {
                     if let Some(o) = process(&mut self.partial, rt, conn, chunk) {
@@ -378,6 +380,11 @@ fn process(
         match mqtt::decode(buf, protocol, max) {
             Ok(Some(p)) => match client::on_packet(&rt.shard, conn, p) {
                 Flow::Continue if conn.held.get() => break,
+                Flow::Continue if rt.shard.congested.get() > 0 && !conn.acking.get() => {
+                    // Stop between packets; the rest is decoded on resume.
+                    conn.resumed.set(true);
+                    break;
+                }
                 Flow::Continue => {}
                 Flow::Close(why) => {
                     conn.request_close(why);
