@@ -181,6 +181,9 @@ pub struct State {
     pub shares: HashMap<(ByteStr, ByteStr), ShareLocal>,
     /// Shared subscriptions: filter -> group -> shards with members.
     share_routes: TopicIndex<ByteStr, ShareRoute>,
+    /// Mesh messages set aside while a local subscriber is congested, by
+    /// sending shard, in order; taken up again before the channels.
+    stalled: std::collections::VecDeque<(usize, Vec<ShardMsg>)>,
 }
 
 pub struct Shard {
@@ -229,6 +232,7 @@ impl Shard {
                 timer_seq: 0,
                 shares: HashMap::new(),
                 share_routes: TopicIndex::new(),
+                stalled: Default::default(),
             }),
             metrics: Metrics::default(),
             now: Cell::new(0),
@@ -723,7 +727,17 @@ impl Shard {
     pub fn on_mesh(&self, from: usize, batch: Vec<ShardMsg>, handoffs: &mut Vec<Box<Handoff>>) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
-        for m in batch {
+        let mut it = batch.into_iter();
+        while let Some(m) = it.next() {
+            let delivers = matches!(m, ShardMsg::Publish(_) | ShardMsg::Shared { .. });
+            if delivers && self.congested.get() > 0 {
+                // Backpressure: stop between messages; the rest waits here
+                // (ahead of anything newer) until the congestion clears.
+                let mut rest = vec![m];
+                rest.extend(it);
+                st.stalled.push_front((from, rest));
+                return;
+            }
             match m {
                 ShardMsg::Publish(msg) => {
                     if msg.retain {
@@ -748,6 +762,25 @@ impl Shard {
                 ShardMsg::Handoff(h) => handoffs.push(h),
             }
         }
+    }
+
+    /// Takes up mesh messages set aside during congestion. Returns true
+    /// when none are left (the channels may be drained again).
+    pub fn resume_stalled(&self, handoffs: &mut Vec<Box<Handoff>>) -> bool {
+        loop {
+            if self.congested.get() > 0 {
+                return false;
+            }
+            let next = self.st.borrow_mut().stalled.pop_front();
+            match next {
+                Some((from, msgs)) => self.on_mesh(from, msgs, handoffs),
+                None => return true,
+            }
+        }
+    }
+
+    pub fn has_stalled(&self) -> bool {
+        !self.st.borrow().stalled.is_empty()
     }
 
     fn release_held(&self, st: &mut State) {

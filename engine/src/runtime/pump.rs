@@ -32,9 +32,11 @@ pub async fn mesh_pump(rt: Rc<Rt>) {
             let mut budget = BUDGET;
             // While a local subscriber is congested, leave other shards'
             // batches in their (bounded) channels: their publishers pause.
+            // What was set aside mid-batch goes first.
+            rt.shard.resume_stalled(&mut handoffs);
             for (from, rx) in rt.mesh.rx.iter().enumerate() {
                 let Some(rx) = rx else { continue };
-                while budget > 0 && rt.shard.congested.get() == 0 {
+                while budget > 0 && rt.shard.congested.get() == 0 && !rt.shard.has_stalled() {
                     let Ok(batch) = rx.try_recv() else { break };
                     rt.shard.on_mesh(from, batch, &mut handoffs);
                     budget -= 1;
