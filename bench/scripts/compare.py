@@ -179,6 +179,7 @@ def main():
     ap.add_argument("--loadgen", default=os.path.join(ROOT, "target/release/loadgen"))
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--only", help="run only scenarios whose title contains this text (comma-separated)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     ensure_tools(args)
@@ -186,6 +187,8 @@ def main():
     results = {}  # scenario -> broker -> figure -> [values]
     started = time.time()
     for title, cmd, extra, figures, only, fresh, transport in scenarios(args.quick):
+        if args.only and not any(w.strip() in title for w in args.only.split(",")):
+            continue
         brokers = [n for n in names if only is None or n in only]
         for r in range(rounds):
             for name in brokers:  # A B C, A B C, ...
