@@ -336,3 +336,110 @@ fn forwarded_for_from_a_trusted_proxy_is_the_logged_peer() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(b.log().contains("203.0.113.9"), "{}", b.log());
 }
+
+/// tungstenite as an independent raw WebSocket client.
+mod with_tungstenite {
+    use crate::harness::{connect_packet, encode, id_on, Broker};
+    use tarta_proto::mqtt::{self, Packet, Protocol};
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::{Message, WebSocket};
+
+    type Ws = WebSocket<std::net::TcpStream>;
+
+    fn open(b: &Broker, protocol: Option<&str>) -> Result<Ws, tungstenite::Error> {
+        let mut req = format!("ws://127.0.0.1:{}/mqtt", b.ws_port).into_client_request()?;
+        if let Some(p) = protocol {
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
+        }
+        let s = std::net::TcpStream::connect(("127.0.0.1", b.ws_port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let (ws, resp) = tungstenite::client::client(req, s).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+        })?;
+        if let Some(p) = protocol {
+            assert_eq!(resp.headers().get("Sec-WebSocket-Protocol").unwrap(), p);
+        }
+        Ok(ws)
+    }
+
+    fn recv_packet(ws: &mut Ws) -> Packet {
+        loop {
+            match ws.read().unwrap() {
+                Message::Binary(b) => {
+                    let mut buf = bytes::BytesMut::from(&b[..]);
+                    return mqtt::decode(&mut buf, Protocol::V311, u32::MAX)
+                        .unwrap()
+                        .unwrap();
+                }
+                Message::Pong(_) | Message::Ping(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn mqtt_ping_pong_and_close_codes_with_tungstenite() {
+        let b = Broker::start();
+        let mut ws = open(&b, Some("mqtt")).expect("upgrade with subprotocol mqtt");
+        let c = connect_packet(Protocol::V311, &id_on(0, "tung"), true, 0);
+        ws.send(Message::Binary(
+            encode(&Packet::Connect(Box::new(c)), Protocol::V311).into(),
+        ))
+        .unwrap();
+        assert!(matches!(recv_packet(&mut ws), Packet::ConnAck(a) if a.code == 0));
+        // WebSocket ping is answered with a pong carrying the same data.
+        ws.send(Message::Ping(bytes::Bytes::from_static(b"x")))
+            .unwrap();
+        match ws.read().unwrap() {
+            Message::Pong(p) => assert_eq!(&p[..], b"x"),
+            other => panic!("{other:?}"),
+        }
+        // MQTT PINGREQ over WebSocket.
+        ws.send(Message::Binary(
+            encode(&Packet::PingReq, Protocol::V311).into(),
+        ))
+        .unwrap();
+        assert!(matches!(recv_packet(&mut ws), Packet::PingResp));
+        // A text frame closes with 1003 (MQTT-6.0.0-1).
+        ws.send(Message::Text("hello".into())).unwrap();
+        loop {
+            match ws.read() {
+                Ok(Message::Close(Some(f))) => {
+                    assert_eq!(f.code, CloseCode::Unsupported);
+                    break;
+                }
+                Ok(Message::Close(None)) => panic!("close without a code"),
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+
+        // Wrong path: the handshake fails with 404.
+        let mut req = format!("ws://127.0.0.1:{}/nope", b.ws_port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+        let s = std::net::TcpStream::connect(("127.0.0.1", b.ws_port)).unwrap();
+        match tungstenite::client::client(req, s) {
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                assert_eq!(r.status(), 404)
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Clean close handshake from the client.
+        let mut ws = open(&b, None).expect("no subprotocol is accepted by default");
+        ws.close(None).unwrap();
+        loop {
+            match ws.read() {
+                Ok(Message::Close(_)) | Err(tungstenite::Error::ConnectionClosed) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
