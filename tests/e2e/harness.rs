@@ -372,21 +372,7 @@ pub fn ws_request(path: &str, extra: &str) -> String {
 
 /// A masked client frame.
 pub fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
-    let len = payload.len();
-    if len < 126 {
-        v.push(0x80 | len as u8);
-    } else if len <= 65535 {
-        v.push(0x80 | 126);
-        v.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        v.push(0x80 | 127);
-        v.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    v
+    tarta_proto::ws::frame::client_frame(opcode, fin, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 pub fn encode(p: &Packet, protocol: Protocol) -> Vec<u8> {

@@ -191,6 +191,25 @@ pub fn frame_header(opcode: u8, len: u64, out: &mut [u8; 10]) -> usize {
     }
 }
 
+/// A masked client frame (RFC 6455 §5.2), as a browser would send it. For
+/// clients, tests and benchmarks; the broker only sends server frames.
+pub fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+    let len = payload.len();
+    if len < 126 {
+        v.push(0x80 | len as u8);
+    } else if len <= 65535 {
+        v.push(0x80 | 126);
+        v.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        v.push(0x80 | 127);
+        v.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    v.extend_from_slice(&mask);
+    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    v
+}
+
 /// A complete server close frame.
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let reason = &reason.as_bytes()[..reason.len().min(123)];
@@ -215,24 +234,6 @@ pub fn pong_frame(payload: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
     use quickcheck::{quickcheck, TestResult};
-
-    /// A masked client frame, as a browser would send it.
-    pub fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
-        let len = payload.len();
-        if len < 126 {
-            v.push(0x80 | len as u8);
-        } else if len <= 65535 {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        v.extend_from_slice(&mask);
-        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        v
-    }
 
     fn decode_all(
         dec: &mut FrameDecoder,
