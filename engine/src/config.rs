@@ -76,6 +76,7 @@ pub struct FileConfig {
     pub allow_zero_length_clientid: Option<bool>,
     pub mesh_capacity: Option<usize>,
     pub io_memory: Option<usize>,
+    pub transparent_huge_pages: Option<bool>,
 }
 
 /// The resolved configuration.
@@ -115,6 +116,11 @@ pub struct Config {
     pub mesh_capacity: usize,
     /// glommio io_memory per shard (registered buffers for DMA file I/O).
     pub io_memory: usize,
+    /// Let the kernel back the heap with transparent huge pages. Off by
+    /// default: the allocator asks for them (MADV_HUGEPAGE), and a mostly
+    /// idle heap of small per-connection objects then costs whole 2 MiB
+    /// pages (measured: +17 MB at start, +1 KB per idle connection).
+    pub transparent_huge_pages: bool,
 }
 
 impl Config {
@@ -168,6 +174,7 @@ impl Config {
             allow_zero_length_clientid: file.allow_zero_length_clientid.unwrap_or(true),
             mesh_capacity: file.mesh_capacity.unwrap_or(1024),
             io_memory: file.io_memory.unwrap_or(512 * 1024),
+            transparent_huge_pages: file.transparent_huge_pages.unwrap_or(false),
         };
         cfg.check()?;
         Ok(cfg)

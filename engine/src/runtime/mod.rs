@@ -52,6 +52,19 @@ pub fn available_cpus() -> Vec<usize> {
     }
 }
 
+/// Opts this process out of transparent huge pages (PR_SET_THP_DISABLE,
+/// inherited by the shard threads). Pages already faulted in stay as they are.
+fn disable_thp() {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::debug!(
+            "PR_SET_THP_DISABLE failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) so
 /// that `wait_for_signal` receives them.
 fn block_signals() -> libc::sigset_t {
@@ -75,6 +88,9 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 
 /// Runs the broker until SIGINT/SIGTERM. Returns an error if it cannot start.
 pub fn run(cfg: Config) -> Result<(), String> {
+    if !cfg.transparent_huge_pages {
+        disable_thp();
+    }
     let acl = match &cfg.acl_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
