@@ -1,26 +1,25 @@
 //! One connection's task: read into the shard-wide buffer, decode, hand
 //! packets to the broker, and write the connection's queue with vectored
-//! non-blocking sends.
+//! non-blocking sends. The task runs on the shard's scheduler (`sched`),
+//! whose ring wakes it when the socket is readable (or writable again).
 //!
-//! Memory: an idle connection holds no read buffer. `poll_read` borrows the
-//! shard's buffer only for the duration of the call (glommio tries
-//! `recv(MSG_DONTWAIT)` first and otherwise arms a poll that holds no
-//! buffer); the bytes read are split off zero-copy and only an incomplete
-//! packet is copied into the connection's `partial`.
+//! Memory: an idle connection holds no read buffer. A read borrows the
+//! shard's buffer for one `recv(MSG_DONTWAIT)`; the bytes read are split
+//! off zero-copy and only an incomplete packet is copied into the
+//! connection's `partial`.
 
 use super::listener::Kind;
+use super::sched::{self, TaskKey};
 use super::Rt;
 use crate::broker::client::{self, Flow};
 use crate::broker::conn::{CloseReason, Conn, OutQueue};
 use crate::broker::metrics::Metrics;
 use crate::broker::{home_shard, Handoff, ShardMsg, WsCarry};
 use bytes::{Buf, Bytes, BytesMut};
-use futures_lite::io::AsyncWrite;
-use glommio::net::TcpStream;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -52,7 +51,9 @@ struct Ws {
 }
 
 struct Io {
-    stream: TcpStream,
+    fd: OwnedFd,
+    /// This task in the shard's scheduler (readiness and wake-ups).
+    key: TaskKey,
     /// An incomplete MQTT packet (empty, and unallocated, between packets).
     partial: BytesMut,
     ws: Option<Box<Ws>>,
@@ -77,9 +78,17 @@ pub struct ConnTask {
     closing: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
 
-pub fn run(
+/// Starts a connection's task on this shard's scheduler.
+pub fn spawn(rt: &Rc<Rt>, fd: OwnedFd, conn: Rc<Conn>, kind: Kind, initial: Option<Initial>) {
+    let raw = fd.as_raw_fd();
+    let rt = rt.clone();
+    sched::with(|s| s.spawn(Some(raw), move |key| run(rt, fd, key, conn, kind, initial)));
+}
+
+fn run(
     rt: Rc<Rt>,
-    stream: TcpStream,
+    fd: OwnedFd,
+    key: TaskKey,
     conn: Rc<Conn>,
     kind: Kind,
     initial: Option<Initial>,
@@ -94,7 +103,8 @@ pub fn run(
         })
     });
     let mut io = Io {
-        stream,
+        fd,
+        key,
         partial: BytesMut::new(),
         ws,
     };
@@ -176,7 +186,7 @@ impl Io {
             if let Some(why) = conn.close_reason() {
                 return Poll::Ready(Outcome::Close(why));
             }
-            if let Err(e) = self.flush(cx, conn) {
+            if let Err(e) = self.flush(conn) {
                 debug!("write failed: {e}");
                 return Poll::Ready(Outcome::Close(CloseReason::PeerGone));
             }
@@ -205,7 +215,7 @@ impl Io {
                 // pending write wakes us when the socket drains.
                 return Poll::Pending;
             }
-            let data = match self.read(cx, rt) {
+            let data = match self.read(rt) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(d)) if d.is_empty() => {
                     return Poll::Ready(Outcome::Close(CloseReason::PeerGone))
@@ -225,7 +235,7 @@ impl Io {
     }
 
     /// Reads into the shard-wide buffer and splits off what was read.
-    fn read(&mut self, cx: &mut Context<'_>, rt: &Rt) -> Poll<io::Result<BytesMut>> {
+    fn read(&mut self, rt: &Rt) -> Poll<io::Result<BytesMut>> {
         let mut rb = rt.rbuf.borrow_mut();
         if rb.len() < 4096 {
             // Reuses the chunk in place once every slice of it is gone
@@ -234,10 +244,26 @@ impl Io {
             rb.reserve(super::READ_CHUNK);
             rb.resize(super::READ_CHUNK, 0);
         }
-        match futures_lite::io::AsyncRead::poll_read(Pin::new(&mut self.stream), cx, &mut rb[..]) {
-            Poll::Ready(Ok(n)) => Poll::Ready(Ok(rb.split_to(n))),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            // SAFETY: recv into the initialised buffer we own, bounded by its length.
+            let r = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    rb.as_mut_ptr().cast(),
+                    rb.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r >= 0 {
+                return Poll::Ready(Ok(rb.split_to(r as usize)));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                // The shard's ring watches this socket and wakes the task.
+                io::ErrorKind::WouldBlock => return Poll::Pending,
+                _ => return Poll::Ready(Err(e)),
+            }
         }
     }
 
@@ -295,9 +321,9 @@ impl Io {
 
     /// Writes as much as the socket takes without blocking. For WebSocket,
     /// everything the broker queued becomes one binary frame per flush.
-    fn flush(&mut self, cx: &mut Context<'_>, conn: &Conn) -> io::Result<()> {
+    fn flush(&mut self, conn: &Conn) -> io::Result<()> {
         let Some(ws) = &mut self.ws else {
-            return write_queue(&mut self.stream, cx, &mut conn.out.borrow_mut());
+            return write_queue(&self.fd, self.key, &mut conn.out.borrow_mut());
         };
         if ws.open && !ws.close_sent {
             let mut out = conn.out.borrow_mut();
@@ -308,7 +334,7 @@ impl Io {
                 ws.wire.append(&mut out);
             }
         }
-        let r = write_queue(&mut self.stream, cx, &mut ws.wire);
+        let r = write_queue(&self.fd, self.key, &mut ws.wire);
         conn.wire_pending.set(ws.wire.len());
         r
     }
@@ -411,24 +437,17 @@ fn process(
 }
 
 /// Writes `q` with vectored non-blocking sends; when the socket is full,
-/// registers for writability with glommio and returns.
-fn write_queue(stream: &mut TcpStream, cx: &mut Context<'_>, q: &mut OutQueue) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
+/// asks the shard's ring to wake the task once it is writable.
+fn write_queue(fd: &OwnedFd, key: TaskKey, q: &mut OutQueue) -> io::Result<()> {
     while !q.is_empty() {
         let mut iov = [IoSlice::new(&[]); IOV_MAX];
         let n = q.iovecs(&mut iov);
-        match sendmsg(fd, &iov[..n]) {
+        match sendmsg(fd.as_raw_fd(), &iov[..n]) {
             Ok(w) => q.advance(w),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // glommio retries the send and, if still blocked, arms a
-                // writability poll that wakes this task.
-                let first = iov[0].to_vec();
-                match Pin::new(&mut *stream).poll_write(cx, &first) {
-                    Poll::Ready(Ok(w)) => q.advance(w),
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => return Ok(()),
-                }
+                sched::with(|s| s.want_write(key));
+                return Ok(());
             }
             Err(e) => return Err(e),
         }
@@ -436,8 +455,7 @@ fn write_queue(stream: &mut TcpStream, cx: &mut Context<'_>, q: &mut OutQueue) -
     Ok(())
 }
 
-/// sendmsg(MSG_DONTWAIT) with iovecs: glommio has no vectored write and
-/// leaves sockets in blocking mode (GLOMMIO.md).
+/// sendmsg(MSG_DONTWAIT) with iovecs.
 fn sendmsg(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: IoSlice is ABI-compatible with iovec; msghdr is zeroed and
     // points at `iov`, which outlives the call.
@@ -473,7 +491,7 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
         poll_fn(|cx| {
             conn.set_waker(cx.waker());
             loop {
-                if let Err(e) = io.flush(cx, &conn) {
+                if let Err(e) = io.flush(&conn) {
                     debug!("flush on close: {e}");
                     return Poll::Ready(());
                 }
@@ -499,21 +517,18 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     if flushed.is_err() {
         debug!(client_id = %client_id, "gave up flushing on close");
     }
-    let _ = io.stream.shutdown(std::net::Shutdown::Both).await;
+    sched::with(|s| s.unwatch(io.key));
+    // SAFETY: shutdown(2) on the socket we own; it is closed when `io` drops.
+    unsafe { libc::shutdown(io.fd.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
 /// Moves the connection to the home shard of its client id.
 fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes, ws: Option<WsCarry>) {
     Metrics::dec(&rt.shard.metrics.connections_current);
     Metrics::inc(&rt.shard.metrics.connections_handed_off);
-    // SAFETY: dup(2) of a descriptor we own; the copy is owned from here on.
-    let fd = unsafe { libc::dup(io.stream.as_raw_fd()) };
-    if fd < 0 {
-        warn!(peer = %conn.peer.get(), "cannot hand off connection: {}", io::Error::last_os_error());
-        return;
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    drop(io);
+    // This ring stops watching the socket before the home shard's starts.
+    sched::with(|s| s.unwatch(io.key));
+    let fd = io.fd;
     let home = home_shard(&connect.client_id, rt.shard.n);
     let h = Handoff {
         fd,
@@ -536,8 +551,6 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         rest,
         ws,
     } = h;
-    // SAFETY: `fd` is a connected TCP socket we own.
-    let stream = unsafe { TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
     let conn = rt.shard.new_conn(peer);
     debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
     let kind = if ws.is_some() {
@@ -546,5 +559,5 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         Kind::Tcp
     };
     let init = Initial { connect, rest, ws };
-    glommio::spawn_local(run(rt.clone(), stream, conn, kind, Some(init))).detach();
+    spawn(rt, fd, conn, kind, Some(init));
 }

@@ -6,12 +6,11 @@
 //! connections cleanly: it frees a spare descriptor, accepts and closes one
 //! connection, and takes the spare back, so it neither spins nor crashes.
 
-use super::{conn, peer_or_unspecified, Rt};
+use super::{conn, peer_or_unspecified, sched, Rt};
 use crate::broker::metrics::Metrics;
-use glommio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Duration;
 use tracing::warn;
@@ -67,10 +66,15 @@ pub enum Kind {
 
 /// Starts the accept loop of one listener on this shard.
 pub fn start(rt: Rc<Rt>, fd: OwnedFd, kind: Kind) {
-    // SAFETY: `fd` is a listening TCP socket we own; the listener takes it.
-    let raw = fd.into_raw_fd();
-    let listener = unsafe { TcpListener::from_raw_fd(raw) };
-    glommio::spawn_local(accept_loop(rt, listener, raw, kind)).detach();
+    if let Err(e) = socket2::SockRef::from(&fd).set_nonblocking(true) {
+        warn!(
+            shard = rt.shard.id,
+            "listener: cannot set non-blocking: {e}"
+        );
+        return;
+    }
+    let raw = fd.as_raw_fd();
+    sched::with(|s| s.spawn(Some(raw), move |_| accept_loop(rt, fd, kind)));
 }
 
 fn spare_fd() -> Option<OwnedFd> {
@@ -79,10 +83,50 @@ fn spare_fd() -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// accept4(2): a non-blocking, close-on-exec socket and the peer's address.
+fn accept(listener: i32) -> std::io::Result<(OwnedFd, SocketAddr)> {
+    // SAFETY: accept4 writes at most `len` bytes of address into `storage`;
+    // a returned descriptor is owned from here on.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let fd = libc::accept4(
+            listener,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let peer = socket2::SockAddr::new(storage, len).as_socket();
+        Ok((
+            fd,
+            peer_or_unspecified(peer.ok_or_else(|| std::io::ErrorKind::Other.into())),
+        ))
+    }
+}
+
+/// Returns Pending once: the task runs again when the scheduler wakes it
+/// (the listener became readable) or, with `again`, right away.
+fn pause(again: bool) -> impl std::future::Future<Output = ()> {
+    let mut done = false;
+    std::future::poll_fn(move |cx| {
+        if done {
+            return std::task::Poll::Ready(());
+        }
+        done = true;
+        if again {
+            cx.waker().wake_by_ref();
+        }
+        std::task::Poll::Pending
+    })
+}
+
 /// Accepts and closes every connection waiting on `listener`; returns how
-/// many. The listener is a blocking socket (glommio's), so readiness is
-/// checked first: this shard is the only one accepting on its own
-/// SO_REUSEPORT socket.
+/// many (readiness is checked first: this shard is the only one accepting
+/// on its own SO_REUSEPORT socket).
 fn refuse_pending(listener: i32) -> u64 {
     let mut refused = 0;
     loop {
@@ -112,20 +156,33 @@ fn refuse_pending(listener: i32) -> u64 {
     }
 }
 
-async fn accept_loop(rt: Rc<Rt>, listener: TcpListener, raw: i32, kind: Kind) {
+/// Connections accepted before the loop lets other tasks run.
+const ACCEPT_BATCH: u32 = 64;
+
+async fn accept_loop(rt: Rc<Rt>, listener: OwnedFd, kind: Kind) {
+    let raw = listener.as_raw_fd();
     let mut spare = spare_fd();
     let mut last_warn: Option<std::time::Instant> = None;
+    let mut batch = 0;
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let peer = peer_or_unspecified(stream.peer_addr().map_err(std::io::Error::from));
-                let _ = stream.set_nodelay(true);
+        match accept(raw) {
+            Ok((fd, peer)) => {
+                let _ = socket2::SockRef::from(&fd).set_nodelay(true);
                 Metrics::inc(&rt.shard.metrics.connections_accepted);
                 let c = rt.shard.new_conn(peer);
-                glommio::spawn_local(conn::run(rt.clone(), stream, c, kind, None)).detach();
+                conn::spawn(&rt, fd, c, kind, None);
+                batch += 1;
+                if batch == ACCEPT_BATCH {
+                    batch = 0;
+                    pause(true).await;
+                }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                batch = 0;
+                pause(false).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
-                let e = std::io::Error::from(e);
                 let fd_limit = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
                 if fd_limit {
                     // accept(2) fails before looking at the queue when no

@@ -9,6 +9,7 @@
 mod conn;
 mod listener;
 mod pump;
+mod sched;
 
 use crate::broker::{Shard, ShardMsg};
 use crate::config::Config;
@@ -170,6 +171,18 @@ pub fn run(cfg: Config) -> Result<(), String> {
 }
 
 async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, Kind)>) {
+    let efd = match sched::init() {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(
+                shard = rt.shard.id,
+                "cannot set up the connection ring (io_uring): {e}"
+            );
+            return;
+        }
+    };
+    glommio::spawn_local(watch_ring(efd)).detach();
+    glommio::spawn_local(sched::run()).detach();
     for (fd, kind) in listeners {
         listener::start(rt.clone(), fd, kind);
     }
@@ -190,6 +203,20 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, Kind)>) {
         c.request_close(crate::broker::conn::CloseReason::Shutdown);
     }
     glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+}
+
+/// Waits on the eventfd the connection ring signals on every completion
+/// (a read in glommio's own ring) and wakes the scheduler.
+async fn watch_ring(efd: std::os::fd::RawFd) {
+    // SAFETY: `efd` is the eventfd `sched::init` created; this task owns it.
+    let file = unsafe { <glommio::io::BufferedFile as std::os::fd::FromRawFd>::from_raw_fd(efd) };
+    loop {
+        if let Err(e) = file.read_at(0, 8).await {
+            error!("connection ring eventfd: {e}");
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        sched::notify();
+    }
 }
 
 pub(crate) fn peer_or_unspecified(p: std::io::Result<SocketAddr>) -> SocketAddr {
