@@ -32,7 +32,7 @@ fn protocol_error(what: &str) -> Flow {
 
 /// Handles one decoded packet.
 pub fn on_packet(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
-    conn.last_heard.set(shard.now.get());
+    conn.heard(shard.now.get());
     let (connected, protocol) = {
         let st = conn.state.borrow();
         (st.connected, st.protocol)
@@ -159,9 +159,11 @@ fn refuse(conn: &Conn, protocol: Protocol, v3: u8, v5: u8) -> Flow {
 }
 
 /// A client id that hashes to this shard, so the client needs no handoff.
-fn assign_client_id(shard: &Shard, conn: &Conn) -> ByteStr {
+fn assign_client_id(shard: &Shard) -> ByteStr {
+    let n = shard.next_conn_id.get();
+    shard.next_conn_id.set(n + 1);
     let mut salt = std::collections::hash_map::RandomState::new().build_hasher();
-    salt.write_u64(conn.id);
+    salt.write_u64((n << 10) | shard.id as u64);
     let salt = salt.finish();
     let mut i: u64 = 0;
     loop {
@@ -201,7 +203,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         if !cfg.allow_zero_length_clientid || (!v5 && !c.clean_start) {
             return refuse(conn, protocol, 0x02, reason::CLIENT_IDENTIFIER_NOT_VALID);
         }
-        client_id = assign_client_id(shard, conn);
+        client_id = assign_client_id(shard);
         assigned = true;
     }
     if let Some(w) = &c.will {
@@ -215,7 +217,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     let acl = shard
         .acl
         .as_ref()
-        .map(|a| a.for_client(&client_id, c.username.as_deref()));
+        .map(|a| Box::new(a.for_client(&client_id, c.username.as_deref())));
     // 3.x: clean session 0 keeps the session (no expiry); 5.0: Session
     // Expiry Interval (0: ends with the connection, 0xFFFFFFFF: never).
     let expiry = if v5 {
@@ -243,7 +245,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     if let Some(old_sid) = existing {
         if let Some(entry) = st.sessions.get_mut(old_sid) {
             if let Some(old) = entry.conn.take() {
-                info!(client_id = %client_id, old_peer = %old.peer.get(), "session taken over");
+                info!(client_id = %client_id, old_peer = %old.peer(), "session taken over");
                 old.request_close(CloseReason::TakenOver);
             }
             if c.clean_start || !entry.session.persistent {

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::task::Waker;
 use tarta_proto::mqtt::{self, Packet, Protocol, Publish, Will};
 use tarta_proto::ByteStr;
@@ -264,13 +264,14 @@ pub struct Aliases {
     pub outbound: std::collections::HashMap<ByteStr, u16>,
 }
 
+/// Kept within 240 bytes (a 256-byte allocation with the `Rc` counts):
+/// every idle connection pays for each field.
 pub struct Conn {
-    pub id: u64,
     /// The client's address (as a trusted proxy reported it, for WebSocket).
-    pub peer: Cell<SocketAddr>,
+    peer: Cell<(IpAddr, u16)>,
     pub out: RefCell<OutQueue>,
     /// Bytes the transport holds beyond `out` (framed WebSocket data).
-    pub wire_pending: Cell<usize>,
+    pub wire_pending: Cell<u32>,
     /// A SUBACK is held for route propagation: packets after the SUBSCRIBE
     /// wait, so every answer goes out in order.
     pub held: Cell<bool>,
@@ -280,33 +281,34 @@ pub struct Conn {
     /// the shard holds publishers back.
     pub acking: Cell<bool>,
     waker: Cell<Option<Waker>>,
-    close: RefCell<Option<CloseReason>>,
+    /// Boxed: set once, at the end.
+    close: Cell<Option<Box<CloseReason>>>,
     /// Shard second of the last packet received.
-    pub last_heard: Cell<u64>,
+    last_heard: Cell<u32>,
     /// Shard second the connection was accepted.
-    pub accepted_at: u64,
-    /// The second of this connection's live entry in the timer wheel.
-    pub wheel_at: Cell<u64>,
+    accepted_at: u32,
+    /// The second of this connection's live entry in the timer wheel
+    /// (u32::MAX: none).
+    wheel_at: Cell<u32>,
     /// Negotiated keep-alive in seconds (0 = none).
     pub keepalive: Cell<u16>,
     pub state: RefCell<ConnState>,
 }
 
 impl Conn {
-    pub fn new(id: u64, peer: SocketAddr, now: u64) -> Self {
+    pub fn new(peer: SocketAddr, now: u64) -> Self {
         Conn {
-            id,
-            peer: Cell::new(peer),
+            peer: Cell::new((peer.ip(), peer.port())),
             out: RefCell::new(OutQueue::default()),
             wire_pending: Cell::new(0),
             held: Cell::new(false),
             resumed: Cell::new(false),
             acking: Cell::new(false),
             waker: Cell::new(None),
-            close: RefCell::new(None),
-            last_heard: Cell::new(now),
-            accepted_at: now,
-            wheel_at: Cell::new(u64::MAX),
+            close: Cell::new(None),
+            last_heard: Cell::new(secs(now)),
+            accepted_at: secs(now),
+            wheel_at: Cell::new(u32::MAX),
             keepalive: Cell::new(0),
             state: RefCell::new(ConnState {
                 protocol: Protocol::V311,
@@ -322,9 +324,33 @@ impl Conn {
         }
     }
 
+    pub fn peer(&self) -> SocketAddr {
+        let (ip, port) = self.peer.get();
+        SocketAddr::new(ip, port)
+    }
+
+    pub fn set_peer(&self, peer: SocketAddr) {
+        self.peer.set((peer.ip(), peer.port()));
+    }
+
     /// Bytes waiting to be written to this client.
     pub fn queued(&self) -> usize {
-        self.out.borrow().len() + self.wire_pending.get()
+        self.out.borrow().len() + self.wire_pending.get() as usize
+    }
+
+    /// Records activity at shard second `now`.
+    pub fn heard(&self, now: u64) {
+        self.last_heard.set(secs(now));
+    }
+
+    /// The second of the live timer-wheel entry, if any.
+    pub fn wheel_at(&self) -> Option<u64> {
+        let at = self.wheel_at.get();
+        (at != u32::MAX).then_some(u64::from(at))
+    }
+
+    pub fn set_wheel_at(&self, at: Option<u64>) {
+        self.wheel_at.set(at.map_or(u32::MAX, secs));
     }
 
     pub fn set_waker(&self, w: &Waker) {
@@ -339,34 +365,42 @@ impl Conn {
 
     /// Asks the connection's task to close (the first reason wins).
     pub fn request_close(&self, reason: CloseReason) {
-        let mut c = self.close.borrow_mut();
-        if c.is_none() {
-            *c = Some(reason);
-        }
-        drop(c);
+        let c = self.close.take();
+        self.close.set(c.or_else(|| Some(Box::new(reason))));
         self.wake();
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.close.borrow().clone()
+        let c = self.close.take();
+        let r = c.as_deref().cloned();
+        self.close.set(c);
+        r
     }
 
     pub fn is_closing(&self) -> bool {
-        self.close.borrow().is_some()
+        let c = self.close.take();
+        let closing = c.is_some();
+        self.close.set(c);
+        closing
     }
 
     /// Seconds after which silence closes the connection (MQTT-3.1.2-24:
     /// one and a half times the keep-alive), or CONNECT timeout before CONNECT.
     pub fn deadline(&self, connect_timeout: u32) -> Option<u64> {
         if !self.state.borrow().connected {
-            return Some(self.accepted_at + u64::from(connect_timeout));
+            return Some(u64::from(self.accepted_at) + u64::from(connect_timeout));
         }
         match self.keepalive.get() {
             0 => None,
             // 1.5x rounded up, plus one for the one-second clock granularity.
-            ka => Some(self.last_heard.get() + (u64::from(ka) * 3).div_ceil(2) + 1),
+            ka => Some(u64::from(self.last_heard.get()) + (u64::from(ka) * 3).div_ceil(2) + 1),
         }
     }
+}
+
+/// Shard seconds (since the shard started) fit 32 bits for 136 years.
+fn secs(s: u64) -> u32 {
+    s.min(u64::from(u32::MAX - 1)) as u32
 }
 
 /// A session's outbox onto a live connection.

@@ -103,7 +103,8 @@ pub struct SessionEntry {
     pub session: Session,
     pub conn: Option<Rc<Conn>>,
     /// The ACL rules resolved for this client (None: no ACL configured).
-    pub acl: Option<ClientAcl>,
+    /// Boxed: every session pays for the field, few clients have rules.
+    pub acl: Option<Box<ClientAcl>>,
     /// Bumped at every (re)connection: timers of an older one are stale.
     pub generation: u64,
     /// Session Expiry Interval in seconds (0: ends with the connection;
@@ -171,6 +172,11 @@ pub struct State {
     /// Per destination shard, messages waiting for the mesh pump.
     pub outbox: Vec<Vec<ShardMsg>>,
     pub wheel: Wheel<(u64, Weak<Conn>)>,
+    /// Connections accepted since the last tick, not yet in the wheel: one
+    /// handed to its home shard within the second leaves no wheel entry
+    /// behind (a wheel entry's `Weak` would keep its memory until the
+    /// CONNECT timeout).
+    fresh: Vec<Weak<Conn>>,
     route_seq: u64,
     route_acked: Vec<u64>,
     held: Vec<HeldSuback>,
@@ -199,7 +205,8 @@ pub struct Shard {
     pub pump_waker: Cell<Option<Waker>>,
     /// Connections waiting for the outbox to drain (backpressure).
     pub paused: RefCell<Vec<Waker>>,
-    next_conn_id: Cell<u64>,
+    /// Salt for assigned client ids.
+    pub next_conn_id: Cell<u64>,
     pub shutting_down: Cell<bool>,
     /// Connected sessions whose queue is above `max_queued_messages`.
     pub congested: Cell<usize>,
@@ -224,6 +231,7 @@ impl Shard {
                 retained: Retained::default(),
                 outbox: (0..n).map(|_| Vec::new()).collect(),
                 wheel: Wheel::new(0),
+                fresh: Vec::new(),
                 route_seq: 0,
                 route_acked: vec![0; n],
                 held: Vec::new(),
@@ -244,12 +252,11 @@ impl Shard {
         }
     }
 
-    /// A new connection on this shard, registered with the timer wheel.
+    /// A new connection on this shard; it enters the timer wheel at the
+    /// next tick (CONNECT timeout) unless its CONNECT has scheduled it.
     pub fn new_conn(&self, peer: SocketAddr) -> Rc<Conn> {
-        let id = self.next_conn_id.get();
-        self.next_conn_id.set(id + 1);
-        let conn = Rc::new(Conn::new((id << 10) | self.id as u64, peer, self.now.get()));
-        self.schedule(&mut self.st.borrow_mut(), &conn);
+        let conn = Rc::new(Conn::new(peer, self.now.get()));
+        self.st.borrow_mut().fresh.push(Rc::downgrade(&conn));
         Metrics::inc(&self.metrics.connections_current);
         conn
     }
@@ -258,7 +265,7 @@ impl Shard {
     /// entries for it become stale and are skipped.
     pub fn schedule(&self, st: &mut State, conn: &Rc<Conn>) {
         if let Some(at) = conn.deadline(self.cfg.connect_timeout) {
-            conn.wheel_at.set(at);
+            conn.set_wheel_at(Some(at));
             st.wheel.insert(at, (at, Rc::downgrade(conn)));
         }
     }
@@ -886,10 +893,16 @@ impl Shard {
         let mut due = Vec::new();
         let mut st = self.st.borrow_mut();
         self.run_timers(&mut st, now);
+        for w in std::mem::take(&mut st.fresh) {
+            match w.upgrade() {
+                Some(c) if c.wheel_at().is_none() && !c.is_closing() => self.schedule(&mut st, &c),
+                _ => {}
+            }
+        }
         st.wheel.expire(now, &mut due);
         for (at, w) in due {
             let Some(conn) = w.upgrade() else { continue };
-            if conn.is_closing() || conn.wheel_at.get() != at {
+            if conn.is_closing() || conn.wheel_at() != Some(at) {
                 continue;
             }
             match conn.deadline(self.cfg.connect_timeout) {
@@ -902,7 +915,7 @@ impl Shard {
                     });
                 }
                 Some(_) => self.schedule(&mut st, &conn),
-                None => conn.wheel_at.set(u64::MAX),
+                None => conn.set_wheel_at(None),
             }
         }
     }

@@ -335,7 +335,7 @@ impl Io {
             }
         }
         let r = write_queue(&self.fd, self.key, &mut ws.wire);
-        conn.wire_pending.set(ws.wire.len());
+        conn.wire_pending.set(ws.wire.len() as u32);
         r
     }
 }
@@ -344,7 +344,7 @@ impl Io {
 /// (with `raw` advanced past the request).
 fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
     let m = &rt.shard.metrics;
-    let peer = conn.peer.get();
+    let peer = conn.peer();
     match handshake(raw, &rt.shard.cfg.ws_handshake, peer.ip()) {
         Handshake::NeedMore => {
             ws.raw = BytesMut::from(&raw[..]);
@@ -375,7 +375,7 @@ fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
             ws.open = true;
             raw.advance(consumed);
             if let Some(ip) = forwarded_for {
-                conn.peer.set(SocketAddr::new(ip, 0));
+                conn.set_peer(SocketAddr::new(ip, 0));
             }
             Metrics::inc(&m.ws_upgrades);
             true
@@ -476,9 +476,9 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     let client_id = conn.state.borrow().client_id.clone();
     if why.is_bad_input() {
         Metrics::inc(&rt.shard.metrics.closed_bad_input);
-        warn!(shard = rt.shard.id, peer = %conn.peer.get(), client_id = %client_id, reason = ?why, "closing connection: bad input");
+        warn!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection: bad input");
     } else {
-        debug!(shard = rt.shard.id, peer = %conn.peer.get(), client_id = %client_id, reason = ?why, "closing connection");
+        debug!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection");
     }
     client::server_disconnect(&conn, &why);
     client::on_closed(&rt.shard, &conn, &why);
@@ -532,7 +532,7 @@ fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes, ws:
     let home = home_shard(&connect.client_id, rt.shard.n);
     let h = Handoff {
         fd,
-        peer: conn.peer.get(),
+        peer: conn.peer(),
         connect,
         rest,
         ws,
@@ -560,4 +560,17 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
     };
     let init = Initial { connect, rest, ws };
     spawn(rt, fd, conn, kind, Some(init));
+}
+#[cfg(test)]
+mod tests {
+    /// Every idle connection pays for these three allocations; each is kept
+    /// at or under an allocator size class (docs/BENCHMARKS.md "Memory").
+    #[test]
+    fn idle_connection_state_stays_in_its_size_classes() {
+        use std::mem::size_of;
+        // Rc<Conn>: two counts (16 B) + Conn in a 256-byte block.
+        assert!(size_of::<crate::broker::conn::Conn>() <= 240);
+        assert!(size_of::<crate::broker::SessionEntry>() <= 256);
+        assert!(size_of::<super::ConnTask>() <= 96);
+    }
 }
