@@ -7,7 +7,7 @@
 //! broker, a `Vec` in tests).
 
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use tarta_proto::mqtt::{Ack, Packet, Properties, QoS, SubOptions};
 use tarta_proto::ByteStr;
@@ -73,33 +73,36 @@ struct Inflight {
 
 #[derive(Debug)]
 pub struct Session {
-    pub client_id: ByteStr,
+    /// Its own copy (a `ByteStr` would keep the whole read chunk of the
+    /// CONNECT alive, and takes 32 bytes to this 16).
+    pub client_id: Box<str>,
     /// Kept after the connection ends (clean session 0 / session expiry > 0).
     pub persistent: bool,
     /// Subscriptions by filter (as subscribed, `$share/...` included), with
     /// their 5.0 subscription identifier.
-    pub subs: HashMap<ByteStr, (SubOptions, Option<u32>)>,
+    /// (A BTreeMap: 24 bytes when empty, where a HashMap takes 48.)
+    pub subs: BTreeMap<ByteStr, (SubOptions, Option<u32>)>,
     inflight: VecDeque<Inflight>,
     pending: VecDeque<Delivery>,
-    incoming_qos2: HashSet<u16>,
+    incoming_qos2: BTreeSet<u16>,
     next_pid: u16,
     /// QoS 1/2 messages in flight to the client at most.
     pub window: u16,
     /// Messages queued at most (beyond the window or while offline).
     pub max_queued: usize,
     /// Messages dropped because the queue was full.
-    pub dropped: u64,
+    pub dropped: u32,
 }
 
 impl Session {
     pub fn new(client_id: ByteStr, persistent: bool, window: u16, max_queued: usize) -> Self {
         Session {
-            client_id,
+            client_id: client_id.as_str().into(),
             persistent,
-            subs: HashMap::new(),
+            subs: BTreeMap::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: BTreeSet::new(),
             next_pid: 1,
             window: window.max(1),
             max_queued,
@@ -135,7 +138,7 @@ impl Session {
             }
             (_, _) => {
                 if self.pending.len() >= self.max_queued {
-                    self.dropped += 1;
+                    self.dropped = self.dropped.saturating_add(1);
                     Enqueued::Dropped
                 } else {
                     self.pending.push_back(d);

@@ -240,7 +240,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     let mut st = shard.st.borrow_mut();
     let st = &mut *st;
     let mut session_present = false;
-    let existing = st.clients.get(&client_id).copied();
+    let existing = st.clients.get(&client_id, &st.sessions);
     let mut sid = None;
     if let Some(old_sid) = existing {
         if let Some(entry) = st.sessions.get_mut(old_sid) {
@@ -274,7 +274,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
                 pending_will: None,
                 congested: false,
             }));
-            st.clients.insert(client_id.clone(), sid);
+            st.clients.insert(sid, &st.sessions);
             sid
         }
     };
@@ -286,7 +286,7 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         entry.expiry = expiry;
         // A reconnection cancels a delayed will and the session's expiry
         // (MQTT-3.1.3-9): their timers see a newer generation.
-        entry.generation += 1;
+        entry.generation = entry.generation.wrapping_add(1);
         entry.pending_will = None;
         // Connected: the bound is soft (backpressure), the hard bound 8x.
         entry.session.max_queued = cfg.max_queued_messages.saturating_mul(8);
@@ -294,7 +294,6 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     {
         let mut cs = conn.state.borrow_mut();
         cs.connected = true;
-        cs.client_id = client_id.clone();
         cs.session = Some(sid);
         cs.will = c.will.clone().map(Box::new);
         cs.max_packet_out = if v5 {
@@ -360,12 +359,14 @@ pub(crate) fn drop_session(shard: &Shard, st: &mut State, sid: usize) {
     if !st.sessions.contains(sid) {
         return;
     }
+    if let Some(e) = st.sessions.get(sid) {
+        st.clients.remove(&e.session.client_id, sid);
+    }
     let mut entry = st.sessions.remove(sid);
     if entry.congested {
         entry.conn = None;
         shard.congestion(&mut entry);
     }
-    st.clients.remove(&entry.session.client_id);
     for filter in entry.session.subs.keys() {
         remove_sub(shard, st, sid, filter);
     }

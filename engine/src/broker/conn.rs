@@ -132,13 +132,13 @@ impl CloseReason {
 /// Bytes waiting to be written: whole segments (publish headers and shared
 /// payloads, in order) followed by a tail of small control packets.
 #[derive(Default)]
-pub struct OutQueue {
+struct Queue {
     segs: VecDeque<Bytes>,
     tail: BytesMut,
     queued: usize,
 }
 
-impl OutQueue {
+impl Queue {
     pub fn is_empty(&self) -> bool {
         self.queued == 0
     }
@@ -194,7 +194,7 @@ impl OutQueue {
 
     /// Moves everything queued in `other` to the end of this queue
     /// (segments are moved, not copied).
-    pub fn append(&mut self, other: &mut OutQueue) {
+    pub fn append(&mut self, other: &mut Queue) {
         if !self.tail.is_empty() {
             self.segs.push_back(self.tail.split().freeze());
         }
@@ -236,11 +236,102 @@ impl OutQueue {
     }
 }
 
+/// Queues drained by idle connections, kept for reuse (with their
+/// buffers' capacity) so that a burst costs no allocation.
+const POOL_MAX: usize = 1024;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<Queue>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A connection's write queue. An idle connection holds none (8 bytes
+/// for the pointer): the queue comes from a per-shard pool when something
+/// is queued and goes back once everything is written.
+#[derive(Default)]
+pub struct OutQueue {
+    q: Option<Box<Queue>>,
+}
+
+impl OutQueue {
+    fn q(&mut self) -> &mut Queue {
+        self.q
+            .get_or_insert_with(|| POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default())
+    }
+
+    /// Returns a drained queue to the pool.
+    fn release_if_empty(&mut self) {
+        if self
+            .q
+            .as_ref()
+            .is_some_and(|q| q.is_empty() && q.segs.is_empty())
+        {
+            if let Some(mut q) = self.q.take() {
+                if q.tail.capacity() > 4096 {
+                    q.tail = BytesMut::new();
+                }
+                POOL.with(|p| {
+                    let mut p = p.borrow_mut();
+                    if p.len() < POOL_MAX {
+                        p.push(q);
+                    }
+                });
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.q.as_ref().map_or(0, |q| q.len())
+    }
+
+    pub fn push_packet(&mut self, p: &Packet, protocol: Protocol) {
+        self.q().push_packet(p, protocol);
+    }
+
+    /// Appends raw bytes (already encoded).
+    pub fn push_bytes(&mut self, b: &[u8]) {
+        self.q().push_bytes(b);
+    }
+
+    /// Queues a PUBLISH as its own header plus the shared payload: the
+    /// payload is referenced, never copied.
+    pub fn push_publish(&mut self, p: &Publish, protocol: Protocol) {
+        self.q().push_publish(p, protocol);
+    }
+
+    /// Fills `iov` with the next bytes to write; returns how many slices.
+    pub fn iovecs<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        self.q.as_ref().map_or(0, |q| q.iovecs(iov))
+    }
+
+    /// Moves everything queued in `other` to the end of this queue
+    /// (segments are moved, not copied).
+    pub fn append(&mut self, other: &mut OutQueue) {
+        let Some(o) = other.q.as_mut() else { return };
+        if o.is_empty() {
+            return;
+        }
+        self.q().append(o);
+        other.release_if_empty();
+    }
+
+    /// Drops `n` written bytes from the front.
+    pub fn advance(&mut self, n: usize) {
+        if let Some(q) = self.q.as_mut() {
+            q.advance(n);
+        }
+        self.release_if_empty();
+    }
+}
+
 /// Per-connection protocol state, set at CONNECT.
 pub struct ConnState {
     pub protocol: Protocol,
     pub connected: bool,
-    pub client_id: ByteStr,
     /// Session slot on this shard once connected.
     pub session: Option<usize>,
     /// Boxed: most clients have none, and every connection pays for the field.
@@ -264,7 +355,7 @@ pub struct Aliases {
     pub outbound: std::collections::HashMap<ByteStr, u16>,
 }
 
-/// Kept within 240 bytes (a 256-byte allocation with the `Rc` counts):
+/// Kept within 144 bytes (a 160-byte allocation with the `Rc` counts):
 /// every idle connection pays for each field.
 pub struct Conn {
     /// The client's address (as a trusted proxy reported it, for WebSocket).
@@ -313,7 +404,6 @@ impl Conn {
             state: RefCell::new(ConnState {
                 protocol: Protocol::V311,
                 connected: false,
-                client_id: ByteStr::default(),
                 session: None,
                 will: None,
                 max_packet_out: 0,

@@ -8,6 +8,7 @@
 //! connections' write queues and the outbox.
 
 pub mod client;
+pub mod clients;
 pub mod conn;
 pub mod metrics;
 pub mod retained;
@@ -16,6 +17,7 @@ use crate::config::Config;
 use crate::session::{Delivery, Enqueued, Message, Session};
 use crate::wheel::Wheel;
 use bytes::Bytes;
+use clients::Clients;
 use conn::{CloseReason, Conn, ConnOutbox};
 use metrics::Metrics;
 use retained::Retained;
@@ -106,7 +108,7 @@ pub struct SessionEntry {
     /// Boxed: every session pays for the field, few clients have rules.
     pub acl: Option<Box<ClientAcl>>,
     /// Bumped at every (re)connection: timers of an older one are stale.
-    pub generation: u64,
+    pub generation: u32,
     /// Session Expiry Interval in seconds (0: ends with the connection;
     /// u32::MAX: never).
     pub expiry: u32,
@@ -120,9 +122,9 @@ pub struct SessionEntry {
 /// Things that happen at a given broker second.
 enum TimerEvent {
     /// The offline session expires (if still at this generation).
-    SessionExpiry { sid: usize, generation: u64 },
+    SessionExpiry { sid: usize, generation: u32 },
     /// Its delayed will is due (if still at this generation).
-    Will { sid: usize, generation: u64 },
+    Will { sid: usize, generation: u32 },
 }
 
 /// One matching subscription, before merging per session.
@@ -161,7 +163,7 @@ struct HeldSuback {
 }
 
 pub struct State {
-    pub clients: HashMap<ByteStr, usize>,
+    pub clients: Clients,
     /// Boxed: the slab grows by doubling, and an idle client should not
     /// pay for that slack on a few hundred bytes.
     pub sessions: Slab<Box<SessionEntry>>,
@@ -224,7 +226,7 @@ impl Shard {
             cfg,
             acl,
             st: RefCell::new(State {
-                clients: HashMap::new(),
+                clients: Clients::default(),
                 sessions: Slab::new(),
                 index: TopicIndex::new(),
                 routes: TopicIndex::new(),
@@ -268,6 +270,19 @@ impl Shard {
             conn.set_wheel_at(Some(at));
             st.wheel.insert(at, (at, Rc::downgrade(conn)));
         }
+    }
+
+    /// The client id of a connection's session (empty before CONNECT).
+    pub fn client_id(&self, conn: &Conn) -> ByteStr {
+        let Some(sid) = conn.state.borrow().session else {
+            return ByteStr::default();
+        };
+        self.st
+            .borrow()
+            .sessions
+            .get(sid)
+            .map(|e| ByteStr::from(e.session.client_id.to_string()))
+            .unwrap_or_default()
     }
 
     /// Whether publishers on this shard should stop reading for now.

@@ -473,7 +473,7 @@ fn sendmsg(fd: i32, iov: &[IoSlice<'_>]) -> io::Result<usize> {
 }
 
 async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
-    let client_id = conn.state.borrow().client_id.clone();
+    let client_id = rt.shard.client_id(&conn);
     if why.is_bad_input() {
         Metrics::inc(&rt.shard.metrics.closed_bad_input);
         warn!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection: bad input");
@@ -568,9 +568,9 @@ mod tests {
     #[test]
     fn idle_connection_state_stays_in_its_size_classes() {
         use std::mem::size_of;
-        // Rc<Conn>: two counts (16 B) + Conn in a 256-byte block.
-        assert!(size_of::<crate::broker::conn::Conn>() <= 240);
-        assert!(size_of::<crate::broker::SessionEntry>() <= 256);
+        // Rc<Conn>: two counts (16 B) + Conn in a 160-byte block.
+        assert!(size_of::<crate::broker::conn::Conn>() <= 144);
+        assert!(size_of::<crate::broker::SessionEntry>() <= 192);
         assert!(size_of::<super::ConnTask>() <= 96);
     }
 }
