@@ -241,6 +241,8 @@ impl Queue {
 const POOL_MAX: usize = 1024;
 
 thread_local! {
+    // Boxes on purpose: a connection holds the box itself.
+    #[allow(clippy::vec_box)]
     static POOL: RefCell<Vec<Box<Queue>>> = const { RefCell::new(Vec::new()) };
 }
 
