@@ -54,6 +54,9 @@ struct Io {
     fd: OwnedFd,
     /// This task in the shard's scheduler (readiness and wake-ups).
     key: TaskKey,
+    /// False after a read found nothing, until the ring reports the socket
+    /// readable again.
+    may_read: bool,
     /// An incomplete MQTT packet (empty, and unallocated, between packets).
     partial: BytesMut,
     ws: Option<Box<Ws>>,
@@ -105,6 +108,7 @@ fn run(
     let mut io = Io {
         fd,
         key,
+        may_read: true,
         partial: BytesMut::new(),
         ws,
     };
@@ -215,8 +219,17 @@ impl Io {
                 // pending write wakes us when the socket drains.
                 return Poll::Pending;
             }
+            if !self.may_read {
+                if !sched::with(|s| s.take_readable(self.key)) {
+                    return Poll::Pending;
+                }
+                self.may_read = true;
+            }
             let data = match self.read(rt) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.may_read = false;
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(d)) if d.is_empty() => {
                     return Poll::Ready(Outcome::Close(CloseReason::PeerGone))
                 }

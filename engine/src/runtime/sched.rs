@@ -70,6 +70,8 @@ struct Slot {
     queued: bool,
     /// A one-shot writability poll is armed.
     write_armed: bool,
+    /// The ring reported the socket readable since the task last asked.
+    readable: bool,
     /// Taken out while the task is polled.
     task: Option<Task>,
 }
@@ -156,6 +158,7 @@ impl Sched {
                 fd: fd.unwrap_or(-1),
                 queued: false,
                 write_armed: false,
+                readable: false,
                 task: None,
             })
         };
@@ -190,6 +193,16 @@ impl Sched {
                 .build()
                 .user_data(TAG_WRITE | key.pack()),
         );
+    }
+
+    /// Whether the socket was reported readable since the last call (a
+    /// task that has read until EAGAIN waits for this before reading
+    /// again: a task woken to write does not pay for a useless recv).
+    pub fn take_readable(&self, key: TaskKey) -> bool {
+        match self.slots.borrow_mut().get_mut(key.slot as usize) {
+            Some(s) if s.gen == key.gen => std::mem::take(&mut s.readable),
+            _ => false,
+        }
     }
 
     /// Stops watching the task's socket before it is closed or handed to
@@ -297,12 +310,15 @@ impl Sched {
                         s.write_armed = false;
                     }
                 }
-            } else if !more && result != -libc::ECANCELED {
-                let fd = match self.slots.borrow().get(key.slot as usize) {
-                    Some(s) if s.gen == key.gen => s.fd,
+            } else {
+                let fd = match self.slots.borrow_mut().get_mut(key.slot as usize) {
+                    Some(s) if s.gen == key.gen => {
+                        s.readable = true;
+                        s.fd
+                    }
                     _ => -1,
                 };
-                if fd >= 0 {
+                if !more && result != -libc::ECANCELED && fd >= 0 {
                     self.push(poll_read(fd, key));
                 }
             }

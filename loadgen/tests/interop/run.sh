@@ -30,10 +30,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Below the kernel's ephemeral range (32768-60999 by default), where other
+# tests' brokers (port 0) and client sockets take their ports.
 free_port() {
     local p
     for _ in $(seq 100); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((20000 + RANDOM % 12000))
         if ! (echo >/dev/tcp/127.0.0.1/$p) 2>/dev/null; then
             echo $p
             return
@@ -43,14 +45,28 @@ free_port() {
     exit 1
 }
 
-PORT=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$PORT" >"$WORK/mosquitto.conf"
-"$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do
-    (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break
-    sleep 0.1
+# Another process may take the port between the check and the bind: retry
+# until Mosquitto is up and listening.
+UP=0
+for _ in $(seq 5); do
+    PORT=$(free_port)
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$PORT" >"$WORK/mosquitto.conf"
+    "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+    MPID=$!
+    PIDS+=($MPID)
+    for _ in $(seq 50); do
+        kill -0 "$MPID" 2>/dev/null || break
+        if (echo >/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then UP=1; break; fi
+        sleep 0.1
+    done
+    [ "$UP" = 1 ] && break
+    kill "$MPID" 2>/dev/null
 done
+if [ "$UP" != 1 ]; then
+    echo "mosquitto did not start:" >&2
+    cat "$WORK/mosquitto.log" >&2
+    exit 1
+fi
 
 FAILED=0
 json_num() { grep -m1 -o "\"$2\": [0-9]*" "$1" | grep -o '[0-9]*$'; }
