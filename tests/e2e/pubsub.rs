@@ -215,3 +215,48 @@ async fn large_payload_is_delivered_intact() {
     assert_eq!(p.payload.len(), payload.len());
     assert!(p.payload[..] == payload[..]);
 }
+
+/// The route cache (broker/route_cache.rs) remembers what a repeatedly
+/// published topic matched; every subscription change must invalidate it,
+/// on the publisher's shard and on the subscriber's.
+#[tokio::test]
+async fn subscription_changes_apply_to_topics_published_before() {
+    let b = Broker::start();
+    let publ = rq::connect(rq::opts(b.port, &id_on(0, "cache-pub"))).await;
+    let send = |n: usize| {
+        let c = publ.client.clone();
+        async move {
+            for i in 0..n {
+                c.publish("cache/t", QoS::AtLeastOnce, false, format!("m{i}"))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    // Nobody subscribed: the topic is cached with no match.
+    send(5).await;
+    tokio::time::sleep(QUIET).await;
+    // Same shard first, so that no route message from another shard is what
+    // refreshes the publisher's shard.
+    let mut local = rq::connect(rq::opts(b.port, &id_on(0, "cache-local"))).await;
+    local.subscribe("cache/t", QoS::AtLeastOnce).await;
+    send(3).await;
+    assert_eq!(local.drain_publishes(QUIET).await.len(), 3, "same shard");
+    let mut remote = rq::connect(rq::opts(b.port, &id_on(1, "cache-remote"))).await;
+    remote.subscribe("cache/+", QoS::AtLeastOnce).await;
+    send(3).await;
+    assert_eq!(local.drain_publishes(QUIET).await.len(), 3);
+    assert_eq!(remote.drain_publishes(QUIET).await.len(), 3, "other shard");
+    // Unsubscribing one must stop its deliveries, not the other's.
+    local.client.unsubscribe("cache/t").await.unwrap();
+    tokio::time::sleep(QUIET).await;
+    send(3).await;
+    assert_eq!(local.drain_publishes(QUIET).await.len(), 0, "unsubscribed");
+    assert_eq!(remote.drain_publishes(QUIET).await.len(), 3);
+    // The remote shard's only subscriber leaves: its route goes away.
+    remote.client.unsubscribe("cache/+").await.unwrap();
+    local.subscribe("cache/#", QoS::AtLeastOnce).await;
+    send(2).await;
+    assert_eq!(local.drain_publishes(QUIET).await.len(), 2);
+    assert_eq!(remote.drain_publishes(QUIET).await.len(), 0);
+}

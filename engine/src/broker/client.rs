@@ -524,6 +524,7 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
         if !st.index.contains_filter(raw) {
             new_routes.push(raw.clone());
         }
+        st.route_gen += 1;
         st.index.insert(
             raw,
             sid,
@@ -579,6 +580,7 @@ fn remove_sub(shard: &Shard, st: &mut State, sid: usize, raw: &ByteStr) {
         Some(key) => shard.share_leave(st, &key, sid),
         None => {
             st.index.remove(raw, &sid);
+            st.route_gen += 1;
             if !st.index.contains_filter(raw) {
                 shard.route_change(st, raw, false);
             }

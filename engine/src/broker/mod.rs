@@ -12,6 +12,7 @@ pub mod clients;
 pub mod conn;
 pub mod metrics;
 pub mod retained;
+mod route_cache;
 
 use crate::config::Config;
 use crate::session::{Delivery, Enqueued, Message, Session};
@@ -21,6 +22,7 @@ use clients::Clients;
 use conn::{CloseReason, Conn, ConnOutbox};
 use metrics::Metrics;
 use retained::Retained;
+use route_cache::{Lookup, RouteCache, Routed};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -128,10 +130,13 @@ enum TimerEvent {
 }
 
 /// One matching subscription, before merging per session.
-struct Match {
+#[derive(Clone)]
+pub(crate) struct Match {
     sid: usize,
+    /// The subscription's QoS (the message's caps it at delivery).
     qos: QoS,
     rap: bool,
+    no_local: bool,
     sub_id: Option<u32>,
     filtered: bool,
 }
@@ -183,6 +188,9 @@ pub struct State {
     route_acked: Vec<u64>,
     held: Vec<HeldSuback>,
     scratch: Vec<Match>,
+    /// Bumped by every change to `index` or `routes` (invalidates `cache`).
+    pub route_gen: u64,
+    cache: RouteCache,
     timers: std::collections::BTreeMap<(u64, u64), TimerEvent>,
     timer_seq: u64,
     /// Shared subscriptions: local members by (group, filter).
@@ -238,6 +246,8 @@ impl Shard {
                 route_acked: vec![0; n],
                 held: Vec::new(),
                 scratch: Vec::new(),
+                route_gen: 0,
+                cache: RouteCache::default(),
                 timers: Default::default(),
                 timer_seq: 0,
                 shares: HashMap::new(),
@@ -344,13 +354,11 @@ impl Shard {
         if msg.retain {
             st.retained.set(&msg);
         }
-        self.deliver_local(st, &msg);
+        let (mask, wide) = self.deliver_local(st, &msg);
         self.route_shared(st, &msg);
         if self.n == 1 {
             return;
         }
-        let mut mask: u128 = 0;
-        let mut wide: Vec<bool> = Vec::new();
         if msg.retain {
             for to in 0..self.n {
                 if to != self.id {
@@ -359,27 +367,62 @@ impl Shard {
             }
             return;
         }
-        st.routes.for_each_match(&msg.topic, |_, shard, _| {
-            let s = usize::from(*shard);
-            if s < 128 {
-                mask |= 1 << s;
-            } else {
-                if wide.len() <= s {
-                    wide.resize(s + 1, false);
-                }
-                wide[s] = true;
-            }
-        });
         for to in 0..self.n {
             let hit = if to < 128 {
                 mask & (1 << to) != 0
             } else {
-                wide.get(to).copied().unwrap_or(false)
+                wide.contains(&(to as u16))
             };
             if hit && to != self.id {
                 self.forward(st, to, &msg);
             }
         }
+    }
+
+    /// The local subscriptions matching `topic` (into `out`, sorted by
+    /// session) and the other shards with a matching route: from the route
+    /// cache, or walked and (on a repeated miss) cached.
+    fn matches(&self, st: &mut State, topic: &str, out: &mut Vec<Match>) -> (u128, Vec<u16>) {
+        let gen = st.route_gen;
+        let (hash, admit) = match st.cache.lookup(topic, gen) {
+            Lookup::Hit(r) => {
+                out.extend_from_slice(&r.local);
+                return (r.remote, r.wide.clone());
+            }
+            Lookup::Miss { hash, admit } => (hash, admit),
+        };
+        let start = out.len();
+        st.index.for_each_match(topic, |_, sid, sub| {
+            out.push(Match {
+                sid: *sid,
+                qos: sub.opts.qos,
+                rap: sub.opts.retain_as_published,
+                no_local: sub.opts.no_local,
+                sub_id: sub.sub_id,
+                filtered: sub.filtered,
+            });
+        });
+        out[start..].sort_unstable_by_key(|m| m.sid);
+        let mut mask: u128 = 0;
+        let mut wide: Vec<u16> = Vec::new();
+        if self.n > 1 {
+            st.routes.for_each_match(topic, |_, shard, _| {
+                if *shard < 128 {
+                    mask |= 1 << *shard;
+                } else if !wide.contains(shard) {
+                    wide.push(*shard);
+                }
+            });
+        }
+        if admit {
+            let routed = Routed {
+                local: out[start..].to_vec(),
+                remote: mask,
+                wide: wide.clone(),
+            };
+            st.cache.fill(hash, gen, topic, routed);
+        }
+        (mask, wide)
     }
 
     /// Shared subscriptions are decided by the publishing shard only: for
@@ -578,24 +621,14 @@ impl Shard {
     /// Delivers to this shard's subscribers: once per session, at the
     /// highest granted QoS of its matching subscriptions, carrying every
     /// matching subscription identifier.
-    pub fn deliver_local(&self, st: &mut State, msg: &Arc<Message>) {
+    /// Delivers to the local subscribers; returns the other shards with a
+    /// matching route (see `matches`).
+    pub fn deliver_local(&self, st: &mut State, msg: &Arc<Message>) -> (u128, Vec<u16>) {
         let mut scratch = std::mem::take(&mut st.scratch);
         scratch.clear();
+        let remote = self.matches(st, &msg.topic, &mut scratch);
         let origin = msg.origin;
         let me = self.id as u16;
-        st.index.for_each_match(&msg.topic, |_, sid, sub| {
-            if sub.opts.no_local && origin == Some((me, *sid)) {
-                return;
-            }
-            scratch.push(Match {
-                sid: *sid,
-                qos: sub.opts.qos.min(msg.qos),
-                rap: sub.opts.retain_as_published,
-                sub_id: sub.sub_id,
-                filtered: sub.filtered,
-            });
-        });
-        scratch.sort_unstable_by_key(|m| m.sid);
         let mut i = 0;
         while i < scratch.len() {
             let sid = scratch[i].sid;
@@ -603,15 +636,23 @@ impl Shard {
             let mut rap = false;
             let mut filtered = true;
             let mut sub_ids = Vec::new();
+            let mut any = false;
             while i < scratch.len() && scratch[i].sid == sid {
                 let m = &scratch[i];
-                qos = qos.max(m.qos);
+                i += 1;
+                if m.no_local && origin == Some((me, sid)) {
+                    continue;
+                }
+                any = true;
+                qos = qos.max(m.qos.min(msg.qos));
                 rap |= m.rap;
                 filtered &= m.filtered;
                 if let Some(id) = m.sub_id {
                     sub_ids.push(id);
                 }
-                i += 1;
+            }
+            if !any {
+                continue;
             }
             let d = Delivery {
                 msg: msg.clone(),
@@ -623,6 +664,7 @@ impl Shard {
             self.deliver_to(st, sid, d, filtered);
         }
         st.scratch = scratch;
+        remote
     }
 
     /// Hands one delivery to a session; `check_acl` asks for a per-message
@@ -769,9 +811,11 @@ impl Shard {
                 }
                 ShardMsg::RouteAdd(f) => {
                     st.routes.insert(&f, from as u16, ());
+                    st.route_gen += 1;
                 }
                 ShardMsg::RouteDel(f) => {
                     st.routes.remove(&f, &(from as u16));
+                    st.route_gen += 1;
                 }
                 ShardMsg::RouteBarrier(seq) => self.push_out(st, from, ShardMsg::RouteAck(seq)),
                 ShardMsg::RouteAck(seq) => {

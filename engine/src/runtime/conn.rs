@@ -268,6 +268,12 @@ impl Io {
                 )
             };
             if r >= 0 {
+                if r > 0 && (r as usize) < rb.len() {
+                    // A short read drained the socket: anything arriving
+                    // later makes the ring report it readable, so the
+                    // recv that would only say EAGAIN is skipped.
+                    self.may_read = false;
+                }
                 return Poll::Ready(Ok(rb.split_to(r as usize)));
             }
             let e = io::Error::last_os_error();
