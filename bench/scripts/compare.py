@@ -150,8 +150,12 @@ def scenarios(quick):
          ["delivered_per_s", "msgs_per_broker_cpu_s"], ["tarta", "mosquitto"], False, "ws"),
         ("1 MiB message, QoS 1, TCP: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "3", "--warmup", "0", "--drain-timeout", "60"],
          ["latency_us.p50"], ["tarta", "mosquitto"], False, "tcp"),
-        ("1 MiB message, QoS 1, WebSocket: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "1", "--warmup", "0", "--drain-timeout", "90", "--ack-timeout", "90"],
-         ["latency_us.p50"], ["tarta"] if quick else ["tarta", "mosquitto"], False, "ws"),
+        # The first message goes out about a second in: a 1 s window can end
+        # before it arrives. Mosquitto 2.0.11 sends WebSocket data at ~40 KiB/s
+        # (a 1 MiB delivery takes ~25 s, tests/interop/big_timing.mjs), past
+        # any window: it is left out here.
+        ("1 MiB message, QoS 1, WebSocket: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "3", "--warmup", "0", "--drain-timeout", "90", "--ack-timeout", "90"],
+         ["latency_us.p50"], ["tarta"], False, "ws"),
     ]
     conns = ["10000"] if quick else ["10000", "19000"]
     for n in conns:

@@ -150,7 +150,8 @@ impl Sched {
         T: Future<Output = ()> + 'static,
     {
         let gen = self.next_gen.get();
-        self.next_gen.set(gen.wrapping_add(1).max(1) & 0x3fff_ffff);
+        self.next_gen
+            .set((gen.wrapping_add(1) & 0x3fff_ffff).max(1));
         let slot = {
             let mut slots = self.slots.borrow_mut();
             slots.insert(Slot {
@@ -318,7 +319,10 @@ impl Sched {
                     }
                     _ => -1,
                 };
-                if !more && result != -libc::ECANCELED && fd >= 0 {
+                // The kernel ended the multishot poll (e.g. the completion
+                // queue overflowed): arm it again. An error ends it for good:
+                // the task, woken, finds the error on its next read.
+                if !more && result >= 0 && fd >= 0 {
                     self.push(poll_read(fd, key));
                 }
             }
