@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::task::Waker;
-use tarta_proto::mqtt::{self, Packet, Protocol, Publish, Will};
+use tarta_proto::mqtt::{self, Packet, Protocol, Publish, PublishHeader, Will};
 use tarta_proto::ByteStr;
 
 /// Why a connection ends. Server-side reasons map to an MQTT 5 DISCONNECT
@@ -162,16 +162,16 @@ impl Queue {
 
     /// Queues a PUBLISH as its own header plus the shared payload: the
     /// payload is referenced, never copied.
-    pub fn push_publish(&mut self, p: &Publish, protocol: Protocol) {
+    pub fn push_publish(&mut self, h: &PublishHeader<'_>, payload: &Bytes, protocol: Protocol) {
         if !self.tail.is_empty() {
             self.segs.push_back(self.tail.split().freeze());
         }
-        mqtt::encode_publish_header(p, protocol, &mut self.tail);
+        h.encode(protocol, &mut self.tail);
         let header = self.tail.split().freeze();
-        self.queued += header.len() + p.payload.len();
+        self.queued += header.len() + payload.len();
         self.segs.push_back(header);
-        if !p.payload.is_empty() {
-            self.segs.push_back(p.payload.clone());
+        if !payload.is_empty() {
+            self.segs.push_back(payload.clone());
         }
     }
 
@@ -302,7 +302,18 @@ impl OutQueue {
     /// Queues a PUBLISH as its own header plus the shared payload: the
     /// payload is referenced, never copied.
     pub fn push_publish(&mut self, p: &Publish, protocol: Protocol) {
-        self.q().push_publish(p, protocol);
+        self.q()
+            .push_publish(&PublishHeader::of(p), &p.payload, protocol);
+    }
+
+    /// Queues a PUBLISH from its parts (no clone of a shared topic).
+    pub fn push_publish_parts(
+        &mut self,
+        h: &PublishHeader<'_>,
+        payload: &Bytes,
+        protocol: Protocol,
+    ) {
+        self.q().push_publish(h, payload, protocol);
     }
 
     /// Fills `iov` with the next bytes to write; returns how many slices.
@@ -541,36 +552,40 @@ impl Outbox for ConnOutbox<'_> {
                 ));
             }
         }
-        let mut topic = d.msg.topic.clone();
+        let mut topic: &[u8] = d.msg.topic.as_bytes();
         if v5 {
             for id in &d.sub_ids {
                 properties.push(mqtt::Property::SubscriptionIdentifier(*id));
             }
-            if let Some(alias) = self.alias_for(&topic) {
+            if let Some(alias) = self.alias_for(&d.msg.topic) {
                 properties.push(mqtt::Property::TopicAlias(alias.0));
                 if alias.1 {
-                    topic = ByteStr::default();
+                    topic = &[];
                 }
             }
         }
-        let p = Publish {
+        // The header by reference: no clone of the shared topic or payload.
+        let h = PublishHeader {
             dup,
             qos: d.qos,
             retain: d.retain,
             topic,
             packet_id: pid,
-            properties,
-            payload: d.msg.payload.clone(),
+            properties: &properties,
+            payload_len: d.msg.payload.len(),
         };
-        if self.max_packet_out != 0 {
-            let len = mqtt::encoded_len(&Packet::Publish(p.clone()), self.protocol);
-            if len > self.max_packet_out as usize && !dup {
-                // MQTT-3.1.2-25: discard, as if it had been sent.
-                self.discarded += 1;
-                return false;
-            }
+        if self.max_packet_out != 0
+            && h.packet_len(self.protocol) > self.max_packet_out as usize
+            && !dup
+        {
+            // MQTT-3.1.2-25: discard, as if it had been sent.
+            self.discarded += 1;
+            return false;
         }
-        self.conn.out.borrow_mut().push_publish(&p, self.protocol);
+        self.conn
+            .out
+            .borrow_mut()
+            .push_publish_parts(&h, &d.msg.payload, self.protocol);
         self.conn.wake();
         true
     }

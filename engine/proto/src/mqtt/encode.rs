@@ -106,17 +106,65 @@ pub fn encode(packet: &Packet, protocol: Protocol, out: &mut BytesMut) {
 /// Appends a PUBLISH without its payload; the remaining length written
 /// includes the payload, which the caller sends right after.
 pub fn encode_publish_header(p: &Publish, protocol: Protocol, out: &mut BytesMut) {
-    let v5 = protocol.is_v5();
-    let remaining = publish_len(p, v5);
-    out.reserve(1 + vbi_len(remaining) + remaining - p.payload.len());
-    out.put_u8(0x30 | u8::from(p.dup) << 3 | (p.qos as u8) << 1 | u8::from(p.retain));
-    put_vbi(out, remaining);
-    put_binary(out, p.topic.as_bytes());
-    if p.qos != QoS::AtMostOnce {
-        out.put_u16(p.packet_id);
+    PublishHeader::of(p).encode(protocol, out);
+}
+
+/// What a PUBLISH header is made of, by reference: a delivery encodes its
+/// header from the shared message without cloning topic or payload.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishHeader<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a [u8],
+    pub packet_id: u16,
+    pub properties: &'a Properties,
+    pub payload_len: usize,
+}
+
+impl<'a> PublishHeader<'a> {
+    pub fn of(p: &'a Publish) -> Self {
+        PublishHeader {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: p.topic.as_bytes(),
+            packet_id: p.packet_id,
+            properties: &p.properties,
+            payload_len: p.payload.len(),
+        }
     }
-    if v5 {
-        put_properties(&p.properties, out);
+
+    fn remaining(&self, v5: bool) -> usize {
+        let id = if self.qos == QoS::AtMostOnce { 0 } else { 2 };
+        let props = if v5 {
+            properties_field_len(self.properties)
+        } else {
+            0
+        };
+        2 + self.topic.len() + id + props + self.payload_len
+    }
+
+    /// The whole packet's size, payload included.
+    pub fn packet_len(&self, protocol: Protocol) -> usize {
+        let remaining = self.remaining(protocol.is_v5());
+        1 + vbi_len(remaining) + remaining
+    }
+
+    /// Appends everything before the payload.
+    pub fn encode(&self, protocol: Protocol, out: &mut BytesMut) {
+        let v5 = protocol.is_v5();
+        let remaining = self.remaining(v5);
+        out.reserve(1 + vbi_len(remaining) + remaining - self.payload_len);
+        out.put_u8(0x30 | u8::from(self.dup) << 3 | (self.qos as u8) << 1 | u8::from(self.retain));
+        put_vbi(out, remaining);
+        put_binary(out, self.topic);
+        if self.qos != QoS::AtMostOnce {
+            out.put_u16(self.packet_id);
+        }
+        if v5 {
+            put_properties(self.properties, out);
+        }
     }
 }
 

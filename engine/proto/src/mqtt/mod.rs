@@ -18,7 +18,7 @@ pub mod reason;
 mod tests;
 
 pub use decode::{decode, frame_len};
-pub use encode::{encode, encode_publish_header, encoded_len};
+pub use encode::{encode, encode_publish_header, encoded_len, PublishHeader};
 pub use error::DecodeError;
 pub use packet::*;
 pub use properties::{Properties, Property};
