@@ -259,4 +259,7 @@ async fn subscription_changes_apply_to_topics_published_before() {
     send(2).await;
     assert_eq!(local.drain_publishes(QUIET).await.len(), 2);
     assert_eq!(remote.drain_publishes(QUIET).await.len(), 0);
+    // And the cache was used (counters are published every second here).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(crate::harness::sys_counter(b.port, "route_cache_hits") > 0);
 }

@@ -31,6 +31,7 @@ counters! {
     share_undeliverable: "Messages for a shared subscription whose members all went away.",
     acl_denied: "PUBLISH and SUBSCRIBE requests denied by the ACL.",
     sessions: "Sessions (online and offline) homed on this shard.",
+    route_cache_hits: "Publishes routed from the route cache (no topic-index walk).",
     ws_upgrades: "WebSocket handshakes completed.",
     ws_rejected: "WebSocket handshakes refused with an HTTP error status.",
     http_health: "GET /health requests answered on WebSocket ports.",

@@ -984,6 +984,7 @@ impl Shard {
         {
             let st = self.st.borrow();
             self.metrics.sessions.set(st.sessions.len() as u64);
+            self.metrics.route_cache_hits.set(st.cache.hits);
         }
         let mut st = self.st.borrow_mut();
         for (name, value) in self.metrics.snapshot() {
