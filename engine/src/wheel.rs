@@ -14,6 +14,8 @@ pub struct Wheel<T> {
     /// The next second to expire.
     cursor: u64,
     len: usize,
+    /// The next slot `sweep` looks at.
+    sweep_at: usize,
 }
 
 impl<T> Wheel<T> {
@@ -22,6 +24,25 @@ impl<T> Wheel<T> {
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             cursor: now,
             len: 0,
+            sweep_at: 0,
+        }
+    }
+
+    /// Looks at the next `n` slots (round robin) and drops the items `keep`
+    /// rejects: entries whose connection is gone, which would otherwise
+    /// wait for their slot to come due. Sweeping 64 slots a second visits
+    /// the whole wheel every 16 seconds.
+    pub fn sweep(&mut self, n: usize, mut keep: impl FnMut(&T) -> bool) {
+        for _ in 0..n.min(SLOTS) {
+            let slot = &mut self.slots[self.sweep_at];
+            let before = slot.len();
+            slot.retain(&mut keep);
+            if slot.is_empty() && slot.capacity() > 64 {
+                // A burst of connections came due together: give it back.
+                *slot = Vec::new();
+            }
+            self.len -= before - slot.len();
+            self.sweep_at = (self.sweep_at + 1) % SLOTS;
         }
     }
 
@@ -88,6 +109,23 @@ mod tests {
             vec![1],
             "same slot on an earlier lap: caller re-checks"
         );
+    }
+
+    #[test]
+    fn sweep_drops_rejected_items_across_the_whole_wheel() {
+        let mut w = Wheel::new(0);
+        for i in 0..5000u64 {
+            w.insert(i % 900 + 1, i);
+        }
+        // Every 64 slots per call: 16 calls cover the wheel.
+        for _ in 0..16 {
+            w.sweep(64, |i| i % 2 == 0);
+        }
+        assert_eq!(w.len(), 2500);
+        let mut due = Vec::new();
+        w.expire(2000, &mut due);
+        assert_eq!(due.len(), 2500);
+        assert!(due.iter().all(|i| i % 2 == 0));
     }
 
     #[test]

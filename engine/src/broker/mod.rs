@@ -958,6 +958,9 @@ impl Shard {
                 _ => {}
             }
         }
+        // Entries of closed connections: gone within 16 s, not at their
+        // deadline (each holds the closed connection's memory).
+        st.wheel.sweep(64, |(_, w)| w.strong_count() > 0);
         st.wheel.expire(now, &mut due);
         for (at, w) in due {
             let Some(conn) = w.upgrade() else { continue };
