@@ -1,7 +1,7 @@
 //! Bad input: the offender gets a clear answer and is closed; nobody else
 //! is affected.
 
-use crate::harness::{connect_packet, id_on, rq, sys_counter, Broker, Raw};
+use crate::harness::{connect_packet, has_disconnect, id_on, rq, sys_counter, Broker, Raw};
 use rumqttc::QoS;
 use std::time::Duration;
 use tarta_proto::mqtt::{Packet, Protocol};
@@ -112,11 +112,7 @@ fn oversized_packet_is_refused_before_its_body_arrives() {
     r.send_bytes(&[0x30, 0x80, 0x80, 0xe8, 0x5f]);
     let (seen, closed) = r.until_closed(T);
     assert!(closed, "closed without waiting for 200 MB");
-    assert!(
-        seen.iter()
-            .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x95)),
-        "{seen:?}"
-    );
+    assert!(has_disconnect(&seen, 0x95), "{seen:?}");
 }
 
 #[test]

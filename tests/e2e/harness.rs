@@ -319,6 +319,12 @@ impl Raw {
     }
 }
 
+/// Whether the server sent a DISCONNECT with `reason` among `got`.
+pub fn has_disconnect(got: &[Packet], reason: u8) -> bool {
+    got.iter()
+        .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == reason))
+}
+
 /// Reads a `$SYS` counter summed over shards, via a raw subscriber.
 pub fn sys_counter(port: u16, name: &str) -> u64 {
     let (mut r, _) = Raw::connect(

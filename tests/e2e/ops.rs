@@ -1,6 +1,6 @@
 //! Operations: clean shutdown, running out of file descriptors.
 
-use crate::harness::{connect_packet, id_on, Broker, Raw};
+use crate::harness::{connect_packet, has_disconnect, id_on, Broker, Raw};
 use std::process::Command;
 use std::time::Duration;
 use tarta_proto::mqtt::{Packet, Protocol};
@@ -16,11 +16,7 @@ fn sigterm_shuts_down_cleanly_and_v5_clients_hear_0x8b() {
     assert!(status.success(), "exit status {status:?}");
     let (seen, closed) = r.until_closed(Duration::from_secs(5));
     assert!(closed);
-    assert!(
-        seen.iter()
-            .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x8B)),
-        "{seen:?}"
-    );
+    assert!(has_disconnect(&seen, 0x8B), "{seen:?}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Sessions: persistent queueing, redelivery with DUP, take-over across
 //! shards, wills, client ids, keep-alive.
 
-use crate::harness::{connect_packet, id_on, rq, Broker, Raw};
+use crate::harness::{connect_packet, has_disconnect, id_on, rq, Broker, Raw};
 use rumqttc::{LastWill, QoS};
 use std::time::{Duration, Instant};
 use tarta_proto::mqtt::{Packet, Protocol, Publish, QoS as Q, SubOptions, Subscribe};
@@ -341,8 +341,7 @@ fn v5_disconnect_reason_on_keep_alive_timeout() {
     let (seen, closed) = r.until_closed(Duration::from_secs(10));
     assert!(closed);
     assert!(
-        seen.iter()
-            .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x8D)),
+        has_disconnect(&seen, 0x8D),
         "DISCONNECT 0x8D before closing: {seen:?}"
     );
 }

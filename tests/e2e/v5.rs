@@ -3,7 +3,9 @@
 //! normative statements they cover (docs/CONFORMANCE.md maps them).
 
 use crate::errors::write_config;
-use crate::harness::{connect_packet, drain, id_on, mq_connect, Broker, Mq, Transport, TRANSPORTS};
+use crate::harness::{
+    connect_packet, drain, has_disconnect, id_on, mq_connect, Broker, Mq, Transport, TRANSPORTS,
+};
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 use tarta_proto::mqtt::{
@@ -144,11 +146,7 @@ fn disconnect_may_not_set_expiry_after_zero_mqtt_3_14_2_2() {
             properties: Properties(vec![Property::SessionExpiryInterval(60)]),
         }));
         let got = drain(&mut *c, QUIET);
-        assert!(
-            got.iter()
-                .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x82)),
-            "{got:?}"
-        );
+        assert!(has_disconnect(&got, 0x82), "{got:?}");
     }
 }
 
@@ -255,11 +253,7 @@ fn topic_aliases_from_the_client_mqtt_3_3_2_10_to_12() {
                 vec![Property::TopicAlias(alias)],
             );
             let got = drain(&mut *bad, QUIET);
-            assert!(
-                got.iter()
-                    .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == code)),
-                "alias {alias}: {got:?}"
-            );
+            assert!(has_disconnect(&got, code), "alias {alias}: {got:?}");
         }
     }
 }
@@ -316,11 +310,7 @@ fn receive_maximum_both_directions_mqtt_3_3_4_7_and_9() {
             publ(&mut *c, "rmax/in", QoS::ExactlyOnce, i, b"x", vec![]);
         }
         let got = drain(&mut *c, QUIET);
-        assert!(
-            got.iter()
-                .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x93)),
-            "{got:?}"
-        );
+        assert!(has_disconnect(&got, 0x93), "{got:?}");
     }
 }
 
@@ -584,11 +574,7 @@ fn enhanced_authentication_is_refused_with_0x8c() {
         let (mut c, _) = mq_connect(&b, t, v5(&id_on(0, "auth2"), vec![]));
         c.send(&Packet::Auth(Auth::default()));
         let got = drain(&mut *c, QUIET);
-        assert!(
-            got.iter()
-                .any(|p| matches!(p, Packet::Disconnect(d) if d.reason == 0x82)),
-            "{got:?}"
-        );
+        assert!(has_disconnect(&got, 0x82), "{got:?}");
     }
 }
 
