@@ -81,6 +81,8 @@ pub struct Sched {
     ring: RefCell<Option<IoUring>>,
     slots: RefCell<Slab<Slot>>,
     ready: RefCell<Vec<TaskKey>>,
+    /// The tasks polled in the current pass (kept for its capacity).
+    batch: Cell<Vec<TaskKey>>,
     /// The glommio task that runs the scheduler.
     waker: Cell<Option<Waker>>,
     next_gen: Cell<u32>,
@@ -93,6 +95,7 @@ thread_local! {
         ring: RefCell::new(None),
         slots: RefCell::new(Slab::new()),
         ready: RefCell::new(Vec::new()),
+        batch: Cell::new(Vec::new()),
         waker: Cell::new(None),
         next_gen: Cell::new(1),
         overflow: RefCell::new(Vec::new()),
@@ -291,7 +294,9 @@ impl Sched {
 
     /// Moves completions to wake-ups; re-arms multishot polls the kernel ended.
     fn reap(&self) {
-        let mut woken: Vec<(TaskKey, u64, i32, bool)> = Vec::new();
+        // Re-arms are rare (no allocation unless one is needed); they are
+        // pushed once the completion queue is no longer borrowed.
+        let mut rearm = Vec::new();
         {
             let mut ring = self.ring.borrow_mut();
             let Some(ring) = ring.as_mut() else { return };
@@ -301,32 +306,29 @@ impl Sched {
                     continue;
                 }
                 let key = TaskKey::unpack(ud & !TAG_MASK);
-                woken.push((key, ud & TAG_MASK, cqe.result(), cqueue::more(cqe.flags())));
-            }
-        }
-        for (key, tag, result, more) in woken {
-            if tag == TAG_WRITE {
-                if let Some(s) = self.slots.borrow_mut().get_mut(key.slot as usize) {
-                    if s.gen == key.gen {
-                        s.write_armed = false;
-                    }
-                }
-            } else {
                 let fd = match self.slots.borrow_mut().get_mut(key.slot as usize) {
                     Some(s) if s.gen == key.gen => {
-                        s.readable = true;
-                        s.fd
+                        if ud & TAG_MASK == TAG_WRITE {
+                            s.write_armed = false;
+                            -1
+                        } else {
+                            s.readable = true;
+                            s.fd
+                        }
                     }
                     _ => -1,
                 };
                 // The kernel ended the multishot poll (e.g. the completion
                 // queue overflowed): arm it again. An error ends it for good:
                 // the task, woken, finds the error on its next read.
-                if !more && result >= 0 && fd >= 0 {
-                    self.push(poll_read(fd, key));
+                if fd >= 0 && !cqueue::more(cqe.flags()) && cqe.result() >= 0 {
+                    rearm.push(poll_read(fd, key));
                 }
+                self.wake(key);
             }
-            self.wake(key);
+        }
+        for e in rearm {
+            self.push(e);
         }
     }
 
@@ -335,12 +337,14 @@ impl Sched {
     fn run_once(&self, cx: &mut Context<'_>) -> bool {
         self.waker.set(Some(cx.waker().clone()));
         self.reap();
-        let batch: Vec<TaskKey> = {
+        // The batch buffer is reused from pass to pass.
+        let mut batch = self.batch.take();
+        {
             let mut ready = self.ready.borrow_mut();
             let n = ready.len().min(BUDGET);
-            ready.drain(..n).collect()
-        };
-        for key in batch {
+            batch.extend(ready.drain(..n));
+        }
+        for &key in &batch {
             let task = {
                 let mut slots = self.slots.borrow_mut();
                 match slots.get_mut(key.slot as usize) {
@@ -374,6 +378,8 @@ impl Sched {
                 }
             }
         }
+        batch.clear();
+        self.batch.set(batch);
         self.submit();
         let unreaped = match self.ring.borrow_mut().as_mut() {
             Some(ring) => !ring.completion().is_empty(),
