@@ -29,7 +29,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Submission queue entries (requests are small and submitted every pass).
 const SQ_ENTRIES: u32 = 1024;
@@ -125,9 +125,12 @@ pub fn init() -> io::Result<RawFd> {
         .build(SQ_ENTRIES)
     {
         Ok(r) => r,
-        Err(_) => IoUring::builder()
-            .setup_cqsize(CQ_ENTRIES)
-            .build(SQ_ENTRIES)?,
+        Err(e) => {
+            debug!("connection ring without deferred task work ({e}): Linux 6.1+ has it");
+            IoUring::builder()
+                .setup_cqsize(CQ_ENTRIES)
+                .build(SQ_ENTRIES)?
+        }
     };
     // SAFETY: eventfd(2) with constant flags; the fd is owned by the caller.
     // Blocking on purpose: glommio's read of it then waits in the kernel.
