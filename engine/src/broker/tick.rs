@@ -1,0 +1,151 @@
+//! Time in the shard: the one-second tick (keep-alive and expiry timers on
+//! the wheel, will delays, session expiry), will messages and the `$SYS`
+//! statistics.
+
+use super::conn::CloseReason;
+use super::{client, Shard, State, TimerEvent};
+use crate::session::Message;
+use bytes::Bytes;
+use std::sync::Arc;
+use tarta_proto::mqtt::{QoS, Will};
+use tarta_proto::ByteStr;
+
+impl Shard {
+    /// Schedules a timer event.
+    fn at(&self, st: &mut State, when: u64, ev: TimerEvent) {
+        st.timer_seq += 1;
+        let seq = st.timer_seq;
+        st.timers.insert((when, seq), ev);
+    }
+
+    /// An offline session: its delayed will and its expiry.
+    pub fn session_offline(&self, st: &mut State, sid: usize, will_delay: Option<u32>) {
+        let now = self.now.get();
+        let Some(e) = st.sessions.get(sid) else {
+            return;
+        };
+        let (generation, expiry) = (e.generation, e.expiry);
+        // The clock has one-second steps: +1 so that nothing fires early.
+        if let Some(delay) = will_delay {
+            // Published at the delay or when the session ends, whichever is first.
+            let delay = delay.min(expiry);
+            self.at(
+                st,
+                now + u64::from(delay) + 1,
+                TimerEvent::Will { sid, generation },
+            );
+        }
+        if expiry != u32::MAX {
+            self.at(
+                st,
+                now + u64::from(expiry) + 1,
+                TimerEvent::SessionExpiry { sid, generation },
+            );
+        }
+    }
+
+    fn run_timers(&self, st: &mut State, now: u64) {
+        while let Some(entry) = st.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ev = entry.remove();
+            let (sid, generation) = match &ev {
+                TimerEvent::SessionExpiry { sid, generation }
+                | TimerEvent::Will { sid, generation } => (*sid, *generation),
+            };
+            let live = st
+                .sessions
+                .get(sid)
+                .is_some_and(|e| e.generation == generation && e.conn.is_none());
+            if !live {
+                continue;
+            }
+            let will = st.sessions.get_mut(sid).and_then(|e| e.pending_will.take());
+            if let Some(w) = will {
+                self.publish_will(st, *w);
+            }
+            if let TimerEvent::SessionExpiry { .. } = ev {
+                client::drop_session(self, st, sid);
+            }
+        }
+    }
+
+    /// Routes a will message (after its ACL check by the caller).
+    pub fn publish_will(&self, st: &mut State, w: Will) {
+        let mut properties = w.properties;
+        properties.remove(0x18); // Will Delay Interval is not a PUBLISH property
+        let expires_at = properties
+            .message_expiry_interval()
+            .map(|s| self.now.get() + u64::from(s));
+        let msg = Arc::new(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            properties,
+            origin: None,
+            expires_at,
+        });
+        self.route(st, msg);
+    }
+
+    /// One second passed: close connections whose deadline is gone; run
+    /// session expiry and delayed wills.
+    pub fn on_tick(&self, now: u64) {
+        self.now.set(now);
+        let mut due = Vec::new();
+        let mut st = self.st.borrow_mut();
+        self.run_timers(&mut st, now);
+        for w in std::mem::take(&mut st.fresh) {
+            match w.upgrade() {
+                Some(c) if c.wheel_at().is_none() && !c.is_closing() => self.schedule(&mut st, &c),
+                _ => {}
+            }
+        }
+        // Entries of closed connections: gone within 16 s, not at their
+        // deadline (each holds the closed connection's memory).
+        st.wheel.sweep(64, |(_, w)| w.strong_count() > 0);
+        st.wheel.expire(now, &mut due);
+        for (at, w) in due {
+            let Some(conn) = w.upgrade() else { continue };
+            if conn.is_closing() || conn.wheel_at() != Some(at) {
+                continue;
+            }
+            match conn.deadline(self.cfg.connect_timeout) {
+                Some(at) if at <= now => {
+                    let connected = conn.state.borrow().connected;
+                    conn.request_close(if connected {
+                        CloseReason::KeepAliveTimeout
+                    } else {
+                        CloseReason::ConnectTimeout
+                    });
+                }
+                Some(_) => self.schedule(&mut st, &conn),
+                None => conn.set_wheel_at(None),
+            }
+        }
+    }
+
+    /// Publishes this shard's counters as retained `$SYS` messages.
+    pub fn publish_sys(&self) {
+        {
+            let st = self.st.borrow();
+            self.metrics.sessions.set(st.sessions.len() as u64);
+            self.metrics.route_cache_hits.set(st.cache.hits);
+        }
+        let mut st = self.st.borrow_mut();
+        for (name, value) in self.metrics.snapshot() {
+            let msg = Arc::new(Message {
+                topic: ByteStr::from(format!("$SYS/tarta/shard/{}/{}", self.id, name)),
+                payload: Bytes::from(value.to_string()),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                properties: Default::default(),
+                origin: None,
+                expires_at: None,
+            });
+            self.route(&mut st, msg);
+        }
+    }
+}
