@@ -293,11 +293,17 @@ impl Sched {
             }
             drop(sq);
             if let Err(e) = ring.submit() {
-                if e.raw_os_error() == Some(libc::EBUSY) || e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // The completion queue is full: what is queued stays
+                    // queued until the pass has reaped (it then reports
+                    // more work, so the scheduler runs again).
+                    Some(libc::EBUSY) => return,
+                    _ => {
+                        warn!("io_uring submit failed: {e}");
+                        return;
+                    }
                 }
-                warn!("io_uring submit failed: {e}");
-                return;
             }
             let mut over = self.overflow.borrow_mut();
             if over.is_empty() {
@@ -405,8 +411,15 @@ impl Sched {
         batch.clear();
         self.batch.set(batch);
         self.submit();
+        // Completions, deferred work or an overflow to flush (the cause of
+        // EBUSY) call for another pass.
         let unreaped = match self.ring.borrow_mut().as_mut() {
-            Some(ring) => !ring.completion().is_empty() || ring.submission().taskrun(),
+            Some(ring) => {
+                let sq = ring.submission();
+                let more = sq.taskrun() || sq.cq_overflow();
+                drop(sq);
+                more || !ring.completion().is_empty()
+            }
             None => false,
         };
         unreaped || !self.ready.borrow().is_empty()
