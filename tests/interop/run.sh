@@ -33,9 +33,10 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/tarta-interop.XXXXXX")
 TARTA_PID=
 PORT=
 WS_PORT=
-# The second broker (behind nginx), nginx's master process, and the
-# timeout(1) running a Node.js script.
+# The second broker (behind nginx), the third (burst check), nginx's master
+# process, and the timeout(1) running a Node.js script.
 TARTA2_PID=
+TARTA3_PID=
 NGINX_PID=
 SUITE_PID=
 BG_PIDS=()
@@ -63,6 +64,7 @@ cleanup() {
     stop_pid "$SUITE_PID"
     stop_pid "$NGINX_PID"
     stop_pid "$TARTA2_PID"
+    stop_pid "$TARTA3_PID"
     stop_pid "$TARTA_PID"
     if [[ -n ${INTEROP_KEEP:-} ]]; then
         echo "# work directory kept: $WORK" >&2
@@ -504,6 +506,43 @@ check_shutdown() {
     fi
 }
 
+# check_burst: a third broker; burst_check.py puts 17,000 connections on one
+# shard and makes them all readable while the broker is stopped (more than
+# the shard ring's 16,384 completion entries), three times; every PINGREQ
+# must be answered (see the script for what each kernel does with such a
+# burst). The script then stops the broker with SIGTERM.
+check_burst() {
+    local need=17000 out rc=0
+    # Both processes hold one descriptor per connection (the hard limit is
+    # 20,000 on the development machine and CI).
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    if (($(ulimit -n) < need + 500)); then
+        WHY="ulimit -n is $(ulimit -n); this check needs $((need + 500)) descriptors per process"
+        return 1
+    fi
+    launch_tarta burst
+    TARTA3_PID=$L_PID
+    out=$(timeout $((CLIENT_TIMEOUT * 3)) python3 "$HERE/burst_check.py" --port "$L_TCP" --pid "$L_PID" --n "$need" 2>&1) || rc=$?
+    kill -CONT "$TARTA3_PID" 2>/dev/null || true
+    printf '%s\n' "$out" | grep '^#' || true
+    if ((rc != 0)); then
+        WHY=$(printf '%s\n' "$out" | grep -m1 '^not ok' | sed 's/^not ok - [^:]*: //')
+        [[ -n $WHY ]] || WHY="burst_check.py exited with status $rc: $(printf '%s' "$out" | tail -n 3 | tr '\n' ' ')"
+        return 1
+    fi
+    if ! wait_for 10 exited "$TARTA3_PID"; then
+        WHY="the broker still runs 10 s after SIGTERM"
+        return 1
+    fi
+    wait "$TARTA3_PID" || rc=$?
+    TARTA3_PID=
+    if ((rc != 0)); then
+        WHY="the broker exited with status $rc"
+        return 1
+    fi
+    check_log_clean burst
+}
+
 # ---------------------------------------------- Node.js, Chromium and nginx
 
 # node_ready: Node.js and tests/interop/node_modules (`npm ci`) are there.
@@ -736,6 +775,9 @@ if [[ -n $TARTA2_PID ]]; then
     run_check "broker behind nginx: log has no panic" check_log_clean proxied
     run_check "broker behind nginx exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA2_PID
 fi
+
+# Last: it leaves 17,000 server-side TIME_WAIT sockets behind.
+run_check "burst of readiness above the completion queue: every PINGREQ answered" check_burst
 
 echo "$PASSED passed, $FAILED failed"
 if ((FAILED > 0)); then
