@@ -163,6 +163,11 @@ pub struct Common {
     /// Topic prefix (a per-run id is appended).
     #[arg(long, default_value = "loadgen")]
     pub topic_prefix: String,
+    /// The run id in client ids and topics, 8 hex digits (default: random).
+    /// Fixing it gives repeated runs the same client ids, hence the same
+    /// broker shards (Tarta homes a session by its client id).
+    #[arg(long, value_parser = parse_run_id)]
+    pub run_id: Option<u32>,
     /// Write every figure as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -222,6 +227,10 @@ pub fn parse_source_ips(s: &str) -> Result<Vec<Ipv4Addr>, String> {
         .collect()
 }
 
+fn parse_run_id(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 16).map_err(|e| format!("run id must be 8 hex digits: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +264,13 @@ mod tests {
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Fanout { .. }));
         assert!(Cli::try_parse_from(["loadgen", "pairs", "--qos", "3"]).is_err());
+    }
+
+    #[test]
+    fn run_id_is_hex() {
+        assert_eq!(parse_run_id("0000002a"), Ok(42));
+        assert_eq!(parse_run_id("ffffffff"), Ok(u32::MAX));
+        assert!(parse_run_id("zz").is_err());
+        assert!(parse_run_id("100000000").is_err(), "more than 32 bits");
     }
 }

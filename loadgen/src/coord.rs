@@ -98,9 +98,8 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
         Some(t) if publishers > 0 => t / f64::from(publishers),
         _ => c.rate,
     };
-    let mut run = [0u8; 4];
     let seed = now_ns() ^ u64::from(std::process::id()) << 40;
-    run.copy_from_slice(&(seed as u32 ^ (seed >> 32) as u32).to_le_bytes());
+    let run_id = c.run_id.unwrap_or(seed as u32 ^ (seed >> 32) as u32);
     Ok(Settings {
         scenario,
         host: c.host.clone(),
@@ -127,7 +126,7 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
         pin: c.pin,
         source_ips,
         topic_prefix: c.topic_prefix.clone(),
-        run_id: u32::from_le_bytes(run),
+        run_id,
         proc_index: 0,
     })
 }
