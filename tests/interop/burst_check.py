@@ -2,7 +2,7 @@
 """A burst of readiness larger than a shard's completion queue loses no wake-up.
 
 Opens N MQTT 3.1.1 connections whose client ids all have their home on
-shard 0 (as `broker::home_shard` computes it), so every socket ends up
+shard 0 (FNV-1a of the id, as `broker::home_shard`), so every socket ends up
 in one shard's connection ring (most of them handed over from the other
 shard). Then, three times: stops the broker (SIGSTOP), sends a PINGREQ on
 every connection, resumes it (SIGCONT) and expects every PINGRESP.
@@ -39,11 +39,6 @@ def home_shard(client_id, shards):
     for b in client_id.encode():
         h ^= b
         h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
-    h = (h * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
-    h = (h * 0xC4CEB9FE1A85EC53) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
     return h % shards
 
 

@@ -50,19 +50,12 @@ export function requirePort(args, name) {
     return p;
 }
 
-// Tarta's home shard of a client id: FNV-1a-64(id bytes), then
-// MurmurHash3's fmix64, % shards.
+// Tarta's home shard of a client id: FNV-1a-64(id bytes) % shards.
 export function homeShard(id, shards = SHARDS) {
-    const M = 0xffffffffffffffffn;
     let h = 0xcbf29ce484222325n;
     for (const b of Buffer.from(id)) {
-        h = ((h ^ BigInt(b)) * 0x100000001b3n) & M;
+        h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
     }
-    h ^= h >> 33n;
-    h = (h * 0xff51afd7ed558ccdn) & M;
-    h ^= h >> 33n;
-    h = (h * 0xc4ceb9fe1a85ec53n) & M;
-    h ^= h >> 33n;
     return Number(h % BigInt(shards));
 }
 

@@ -49,16 +49,10 @@ class CheckFailed(Exception):
 
 
 def home_shard(client_id: str, shards: int) -> int:
-    """Tarta's home shard of a client id: FNV-1a-64(id bytes), then
-    MurmurHash3's fmix64, % shards."""
+    """Tarta's home shard of a client id: FNV-1a-64(id bytes) % shards."""
     h = 0xCBF29CE484222325
     for b in client_id.encode():
         h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
-    h = (h * 0xFF51AFD7ED558CCD) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
-    h = (h * 0xC4CEB9FE1A85EC53) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 33
     return h % shards
 
 

@@ -78,22 +78,15 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- helpers
 
-# home_shard ID N: the shard Tarta homes client ID on: FNV-1a-64(id), then
-# MurmurHash3's fmix64, % N (same as tarta::broker::home_shard). Bash
-# integers are signed 64-bit and wrap (the same bits as unsigned), `>>` is
-# arithmetic, so logical shifts are masked and the final modulo is done on
-# the unsigned value by halves.
+# home_shard ID N: the shard Tarta homes client ID on, FNV-1a-64(id) % N
+# (same as tarta::broker::home_shard). Bash integers are signed 64-bit and
+# wrap, so the final modulo is done on the unsigned value by halves.
 home_shard() {
     local s=$1 n=$2 h=$((0xcbf29ce484222325)) i c
     for ((i = 0; i < ${#s}; i++)); do
         printf -v c '%d' "'${s:i:1}"
         h=$(((h ^ c) * 0x100000001b3))
     done
-    h=$((h ^ ((h >> 33) & 0x7fffffff)))
-    h=$((h * -49064778989728563))  # 0xff51afd7ed558ccd
-    h=$((h ^ ((h >> 33) & 0x7fffffff)))
-    h=$((h * -4265267296055464877))  # 0xc4ceb9fe1a85ec53
-    h=$((h ^ ((h >> 33) & 0x7fffffff)))
     local hi=$(((h >> 1) & 0x7fffffffffffffff)) lo=$((h & 1))
     echo $((((hi % n) * 2 + lo) % n))
 }
