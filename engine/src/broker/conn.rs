@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::task::Waker;
-use tarta_proto::mqtt::{self, Packet, Protocol, Publish, PublishHeader, Will};
+use tarta_proto::mqtt::{self, Packet, Protocol, PublishHeader, Will};
 use tarta_proto::ByteStr;
 
 /// Why a connection ends. Server-side reasons map to an MQTT 5 DISCONNECT
@@ -300,19 +300,9 @@ impl OutQueue {
     }
 
     /// Queues a PUBLISH as its own header plus the shared payload: the
-    /// payload is referenced, never copied.
-    pub fn push_publish(&mut self, p: &Publish, protocol: Protocol) {
-        self.q()
-            .push_publish(&PublishHeader::of(p), &p.payload, protocol);
-    }
-
-    /// Queues a PUBLISH from its parts (no clone of a shared topic).
-    pub fn push_publish_parts(
-        &mut self,
-        h: &PublishHeader<'_>,
-        payload: &Bytes,
-        protocol: Protocol,
-    ) {
+    /// payload is referenced, never copied (nor the topic: the header
+    /// borrows it).
+    pub fn push_publish(&mut self, h: &PublishHeader<'_>, payload: &Bytes, protocol: Protocol) {
         self.q().push_publish(h, payload, protocol);
     }
 
@@ -585,7 +575,7 @@ impl Outbox for ConnOutbox<'_> {
         self.conn
             .out
             .borrow_mut()
-            .push_publish_parts(&h, &d.msg.payload, self.protocol);
+            .push_publish(&h, &d.msg.payload, self.protocol);
         self.conn.wake();
         true
     }
@@ -621,7 +611,7 @@ impl ConnOutbox<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tarta_proto::mqtt::QoS;
+    use tarta_proto::mqtt::{Publish, QoS};
 
     #[test]
     fn out_queue_keeps_order_and_advances_across_segments() {
@@ -636,7 +626,7 @@ mod tests {
             properties: Default::default(),
             payload: Bytes::from_static(b"payload"),
         };
-        q.push_publish(&p, Protocol::V311);
+        q.push_publish(&PublishHeader::of(&p), &p.payload, Protocol::V311);
         q.push_bytes(b"CD");
         let mut all = Vec::new();
         let mut iov = [IoSlice::new(&[]); 8];
