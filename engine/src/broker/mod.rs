@@ -356,7 +356,7 @@ impl Shard {
         if msg.retain {
             st.retained.set(&msg);
         }
-        let (mask, wide) = self.deliver_local(st, &msg);
+        let (mask, wide) = self.deliver_local(st, &msg, true);
         self.route_shared(st, &msg);
         if self.n == 1 {
             return;
@@ -383,8 +383,16 @@ impl Shard {
 
     /// The local subscriptions matching `topic` (into `out`, sorted by
     /// session) and the other shards with a matching route: from the route
-    /// cache, or walked and (on a repeated miss) cached.
-    fn matches(&self, st: &mut State, topic: &str, out: &mut Vec<Match>) -> (u128, Vec<u16>) {
+    /// cache, or walked and (on a repeated miss) cached. The routing table
+    /// is walked on a miss only if `want_remote` or the entry is to be
+    /// cached (a cached entry serves later local publishes too).
+    fn matches(
+        &self,
+        st: &mut State,
+        topic: &str,
+        out: &mut Vec<Match>,
+        want_remote: bool,
+    ) -> (u128, Vec<u16>) {
         let gen = st.route_gen;
         let (hash, admit) = match st.cache.lookup(topic, gen) {
             Lookup::Hit(r) => {
@@ -407,7 +415,7 @@ impl Shard {
         out[start..].sort_unstable_by_key(|m| m.sid);
         let mut mask: u128 = 0;
         let mut wide: Vec<u16> = Vec::new();
-        if self.n > 1 {
+        if self.n > 1 && (want_remote || admit) {
             st.routes.for_each_match(topic, |_, shard, _| {
                 if *shard < 128 {
                     mask |= 1 << *shard;
@@ -437,13 +445,18 @@ impl Shard {
 
     /// Delivers to this shard's subscribers: once per session, at the
     /// highest granted QoS of its matching subscriptions, carrying every
-    /// matching subscription identifier.
-    /// Delivers to the local subscribers; returns the other shards with a
-    /// matching route (see `matches`).
-    pub fn deliver_local(&self, st: &mut State, msg: &Arc<Message>) -> (u128, Vec<u16>) {
+    /// matching subscription identifier. With `want_remote` (a message
+    /// published here), also returns the other shards with a matching route
+    /// (see `matches`); a message from another shard needs none.
+    pub fn deliver_local(
+        &self,
+        st: &mut State,
+        msg: &Arc<Message>,
+        want_remote: bool,
+    ) -> (u128, Vec<u16>) {
         let mut scratch = std::mem::take(&mut st.scratch);
         scratch.clear();
-        let remote = self.matches(st, &msg.topic, &mut scratch);
+        let remote = self.matches(st, &msg.topic, &mut scratch, want_remote);
         let origin = msg.origin;
         let me = self.id as u16;
         let mut i = 0;
@@ -624,7 +637,7 @@ impl Shard {
                     if msg.retain {
                         st.retained.set(&msg);
                     }
-                    self.deliver_local(st, &msg);
+                    self.deliver_local(st, &msg, false);
                 }
                 ShardMsg::RouteAdd(f) => {
                     st.routes.insert(&f, from as u16, ());
