@@ -116,10 +116,7 @@ pub fn with<R>(f: impl FnOnce(&Sched) -> R) -> R {
 
 /// Creates the ring and its eventfd; returns the eventfd the runtime waits on.
 pub fn init() -> io::Result<RawFd> {
-    // Deferred task work (Linux 6.1): socket readiness is queued on the
-    // ring and run when this thread asks (the `GETEVENTS` in `submit`),
-    // instead of interrupting the shard with task work (an IPI when it is
-    // running); the eventfd is signalled once when work is first queued.
+    // Deferred task work (see the module doc); plain ring before Linux 6.1.
     let ring = match IoUring::builder()
         .setup_cqsize(CQ_ENTRIES)
         .setup_single_issuer()
