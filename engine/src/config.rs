@@ -5,6 +5,7 @@ use clap::Parser;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use tarta_proto::cidr::Cidr;
 use tarta_proto::ws::HandshakeConfig;
 
 /// Command-line flags. Flags override the file given with `--config`.
@@ -26,6 +27,26 @@ pub struct Cli {
     /// 127.0.0.1:8083 (when no listener is given at all).
     #[arg(long = "ws", value_name = "ADDR")]
     pub ws: Vec<SocketAddr>,
+    /// MQTT over TLS listener address (repeatable; needs --cert and --key).
+    #[arg(long = "mqtts", value_name = "ADDR")]
+    pub mqtts: Vec<SocketAddr>,
+    /// MQTT over secure WebSocket listener address (repeatable; needs
+    /// --cert and --key).
+    #[arg(long = "wss", value_name = "ADDR")]
+    pub wss: Vec<SocketAddr>,
+    /// PEM certificate chain of the --mqtts/--wss listeners.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the --mqtts/--wss listeners.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against
+    /// (--mqtts/--wss listeners).
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// Refuse TLS clients without a valid certificate (needs --cafile).
+    #[arg(long = "require-certificate")]
+    pub require_certificate: bool,
     /// WebSocket path (default /mqtt).
     #[arg(long = "ws-path", value_name = "PATH")]
     pub ws_path: Option<String>,
@@ -53,6 +74,8 @@ pub struct Cli {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    pub listener: Option<Vec<ListenerFile>>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub tcp: Option<Vec<SocketAddr>>,
     pub ws: Option<Vec<SocketAddr>>,
     pub ws_path: Option<String>,
@@ -79,13 +102,81 @@ pub struct FileConfig {
     pub transparent_huge_pages: Option<bool>,
 }
 
+/// What a listener speaks above TCP (and TLS, if it has it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenProtocol {
+    /// MQTT directly.
+    Mqtt,
+    /// MQTT over WebSocket.
+    Ws,
+}
+
+/// A listener's TLS settings (file paths; read at start and on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates are verified against.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// The client certificate's subject CN is the client's username (for
+    /// the ACL), whatever CONNECT says. Needs `require_client_cert`.
+    #[serde(default)]
+    pub identity_as_username: bool,
+}
+
+/// One `[[listener]]` table of the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub bind: SocketAddr,
+    pub protocol: Option<ListenProtocol>,
+    pub tls: Option<TlsFiles>,
+    pub proxy_protocol: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub ws_path: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+/// A resolved listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub bind: SocketAddr,
+    pub protocol: ListenProtocol,
+    pub tls: Option<TlsFiles>,
+    /// Expect a PROXY protocol v1/v2 header before anything else.
+    pub proxy_protocol: bool,
+    /// Peers allowed to send a PROXY header (others are closed).
+    pub trusted_proxies: Vec<Cidr>,
+    /// WebSocket handshake rules (path, subprotocols, origins, proxies).
+    pub ws: HandshakeConfig,
+    /// Connections open at once on this listener (0 = no limit).
+    pub max_connections: usize,
+}
+
+impl Listener {
+    /// The stacking's short name: tcp, ws, tls or wss (logs, stdout).
+    pub fn name(&self) -> &'static str {
+        match (self.protocol, self.tls.is_some()) {
+            (ListenProtocol::Mqtt, false) => "tcp",
+            (ListenProtocol::Ws, false) => "ws",
+            (ListenProtocol::Mqtt, true) => "tls",
+            (ListenProtocol::Ws, true) => "wss",
+        }
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub tcp: Vec<SocketAddr>,
-    pub ws: Vec<SocketAddr>,
-    /// WebSocket handshake rules (path, subprotocols, origins, proxies).
-    pub ws_handshake: HandshakeConfig,
+    /// Every listener, in the order configured.
+    pub listeners: Vec<Listener>,
     pub shards: usize,
     pub pin: bool,
     pub acl_file: Option<PathBuf>,
@@ -136,28 +227,82 @@ impl Config {
             None => FileConfig::default(),
         };
         let cpus = crate::runtime::available_cpus().len().max(1);
+        let defaults = HandshakeConfig::default();
+        let ws = HandshakeConfig {
+            path: cli
+                .ws_path
+                .clone()
+                .or(file.ws_path)
+                .unwrap_or(defaults.path),
+            require_subprotocol: file.ws_require_subprotocol.unwrap_or(false),
+            origins: file.ws_origins.unwrap_or_default(),
+            trusted_proxies: file.ws_trusted_proxies.unwrap_or_default(),
+            max_request: file.ws_max_request.unwrap_or(defaults.max_request),
+        };
+        let trusted = parse_cidrs(file.trusted_proxies.as_deref().unwrap_or_default())?;
+        let plain = |bind, protocol| Listener {
+            bind,
+            protocol,
+            tls: None,
+            proxy_protocol: false,
+            trusted_proxies: trusted.clone(),
+            ws: ws.clone(),
+            max_connections: 0,
+        };
         // Listeners: flags replace the file's; the defaults apply only when
         // no listener is configured anywhere.
-        let (mut tcp, mut ws) = if cli.tcp.is_empty() && cli.ws.is_empty() {
-            (file.tcp.unwrap_or_default(), file.ws.unwrap_or_default())
+        let mut listeners = Vec::new();
+        let flags = !(cli.tcp.is_empty()
+            && cli.ws.is_empty()
+            && cli.mqtts.is_empty()
+            && cli.wss.is_empty());
+        if flags {
+            let tls = cli_tls(&cli)?;
+            listeners.extend(cli.tcp.iter().map(|a| plain(*a, ListenProtocol::Mqtt)));
+            listeners.extend(cli.ws.iter().map(|a| plain(*a, ListenProtocol::Ws)));
+            for (addrs, protocol) in [
+                (&cli.mqtts, ListenProtocol::Mqtt),
+                (&cli.wss, ListenProtocol::Ws),
+            ] {
+                for a in addrs {
+                    let mut l = plain(*a, protocol);
+                    l.tls = tls.clone();
+                    listeners.push(l);
+                }
+            }
         } else {
-            (cli.tcp, cli.ws)
-        };
-        if tcp.is_empty() && ws.is_empty() {
-            tcp.push(SocketAddr::from(([127, 0, 0, 1], 1883)));
-            ws.push(SocketAddr::from(([127, 0, 0, 1], 8083)));
+            for a in file.tcp.unwrap_or_default() {
+                listeners.push(plain(a, ListenProtocol::Mqtt));
+            }
+            for a in file.ws.unwrap_or_default() {
+                listeners.push(plain(a, ListenProtocol::Ws));
+            }
+            for t in file.listener.unwrap_or_default() {
+                let mut l = plain(t.bind, t.protocol.unwrap_or(ListenProtocol::Mqtt));
+                l.tls = t.tls;
+                l.proxy_protocol = t.proxy_protocol.unwrap_or(false);
+                if let Some(list) = &t.trusted_proxies {
+                    l.trusted_proxies = parse_cidrs(list)?;
+                }
+                if let Some(path) = t.ws_path {
+                    l.ws.path = path;
+                }
+                l.max_connections = t.max_connections.unwrap_or(0);
+                listeners.push(l);
+            }
         }
-        let defaults = HandshakeConfig::default();
+        if listeners.is_empty() {
+            listeners.push(plain(
+                SocketAddr::from(([127, 0, 0, 1], 1883)),
+                ListenProtocol::Mqtt,
+            ));
+            listeners.push(plain(
+                SocketAddr::from(([127, 0, 0, 1], 8083)),
+                ListenProtocol::Ws,
+            ));
+        }
         let cfg = Config {
-            tcp,
-            ws,
-            ws_handshake: HandshakeConfig {
-                path: cli.ws_path.or(file.ws_path).unwrap_or(defaults.path),
-                require_subprotocol: file.ws_require_subprotocol.unwrap_or(false),
-                origins: file.ws_origins.unwrap_or_default(),
-                trusted_proxies: file.ws_trusted_proxies.unwrap_or_default(),
-                max_request: file.ws_max_request.unwrap_or(defaults.max_request),
-            },
+            listeners,
             shards: cli.shards.or(file.shards).unwrap_or(cpus),
             pin: !cli.no_pin && file.pin.unwrap_or(true),
             acl_file: cli.acl_file.or(file.acl_file),
@@ -184,11 +329,31 @@ impl Config {
         if self.shards == 0 || self.shards > 1024 {
             return Err(format!("shards must be 1..=1024, got {}", self.shards));
         }
-        if !self.ws_handshake.path.starts_with('/') {
-            return Err(format!(
-                "ws_path must start with '/', got {:?}",
-                self.ws_handshake.path
-            ));
+        for l in &self.listeners {
+            let name = format!("listener {} ({})", l.bind, l.name());
+            if l.protocol == ListenProtocol::Ws && !l.ws.path.starts_with('/') {
+                return Err(format!(
+                    "{name}: ws_path must start with '/', got {:?}",
+                    l.ws.path
+                ));
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(format!(
+                    "{name}: proxy_protocol = true needs trusted_proxies (the addresses or CIDRs of the proxies allowed to send a PROXY header)"
+                ));
+            }
+            if let Some(t) = &l.tls {
+                if t.require_client_cert && t.client_ca.is_none() {
+                    return Err(format!(
+                        "{name}: require_client_cert needs client_ca (the CA file client certificates are verified against)"
+                    ));
+                }
+                if t.identity_as_username && !t.require_client_cert {
+                    return Err(format!(
+                        "{name}: identity_as_username needs require_client_cert = true"
+                    ));
+                }
+            }
         }
         if self.receive_maximum == 0 {
             return Err("receive_maximum must be at least 1".into());
@@ -203,5 +368,30 @@ impl Config {
             return Err("mesh_capacity must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+fn parse_cidrs(list: &[String]) -> Result<Vec<Cidr>, String> {
+    list.iter()
+        .map(|s| {
+            s.parse::<Cidr>()
+                .map_err(|e| format!("trusted_proxies: {e}"))
+        })
+        .collect()
+}
+
+/// The TLS settings of the --mqtts/--wss listeners, from the flags.
+fn cli_tls(cli: &Cli) -> Result<Option<TlsFiles>, String> {
+    let wants = !cli.mqtts.is_empty() || !cli.wss.is_empty();
+    match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: cli.cafile.clone(),
+            require_client_cert: cli.require_certificate,
+            identity_as_username: false,
+        })),
+        _ if wants => Err("--mqtts and --wss need --cert FILE and --key FILE".into()),
+        _ => Ok(None),
     }
 }

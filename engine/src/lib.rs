@@ -9,6 +9,8 @@
 //! - [`session`]: one client's QoS state machine. No I/O, no clock.
 //! - [`mesh`]: bounded crossbeam channels between shards plus doorbells.
 //! - [`wheel`]: the timer wheel for keep-alive and CONNECT timeouts.
+//! - [`transport`]: the layers between a socket and MQTT (PROXY header,
+//!   TLS, WebSocket) as state without I/O; TLS certificates.
 //! - `tarta_proto` (engine/proto): the MQTT codec, topics, topic index, ACLs.
 //!
 //! See docs/ARCHITECTURE.md for the map and its invariants.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod mesh;
 pub mod runtime;
 pub mod session;
+pub mod transport;
 pub mod wheel;
 
 pub use broker::home_shard;

@@ -11,11 +11,15 @@
 //! - [`index`]: the topic trie mapping (filter, key) to values, matched per published topic.
 //! - [`ws`]: MQTT over WebSocket: upgrade handshake, frame decoding with in-place unmasking.
 //! - [`acl`]: Mosquitto `acl_file` access control lists, resolved per client.
+//! - [`proxy`]: the HAProxy PROXY protocol (v1 and v2) header a trusted load balancer sends first.
+//! - [`cidr`]: address ranges for `trusted_proxies` lists.
 
 pub mod acl;
 mod bytestr;
+pub mod cidr;
 pub mod index;
 pub mod mqtt;
+pub mod proxy;
 pub mod topic;
 pub mod ws;
 

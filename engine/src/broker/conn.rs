@@ -50,6 +50,9 @@ pub enum CloseReason {
         what: &'static str,
     },
     Shutdown,
+    /// The transport below MQTT failed: a TLS error, a bad PROXY header
+    /// (counted and logged, rate-limited, where it was found).
+    Transport(&'static str),
     /// Moved to the client id's home shard (not a close for the client).
     HandedOff,
 }
@@ -173,6 +176,18 @@ impl Queue {
         if !payload.is_empty() {
             self.segs.push_back(payload.clone());
         }
+    }
+
+    /// Appends a shared segment (not copied).
+    pub fn push_shared(&mut self, b: Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.segs.push_back(self.tail.split().freeze());
+        }
+        self.queued += b.len();
+        self.segs.push_back(b);
     }
 
     /// Fills `iov` with the next bytes to write; returns how many slices.
@@ -304,6 +319,11 @@ impl OutQueue {
     /// borrows it).
     pub fn push_publish(&mut self, h: &PublishHeader<'_>, payload: &Bytes, protocol: Protocol) {
         self.q().push_publish(h, payload, protocol);
+    }
+
+    /// Appends a shared segment (not copied).
+    pub fn push_shared(&mut self, b: Bytes) {
+        self.q().push_shared(b);
     }
 
     /// Fills `iov` with the next bytes to write; returns how many slices.

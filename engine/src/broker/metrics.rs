@@ -35,6 +35,11 @@ counters! {
     ws_upgrades: "WebSocket handshakes completed.",
     ws_rejected: "WebSocket handshakes refused with an HTTP error status.",
     http_health: "GET /health requests answered on WebSocket ports.",
+    tls_handshakes: "TLS handshakes completed.",
+    tls_failed: "TLS connections closed for a failed handshake or a TLS error (bad ClientHello, plain client on a TLS port, unknown or expired client certificate, bad record).",
+    proxy_untrusted: "Connections closed on a PROXY protocol listener because the peer is not in trusted_proxies.",
+    proxy_malformed: "Connections closed for a malformed or missing PROXY protocol header.",
+    refused_listener_full: "Connections refused because their listener reached max_connections.",
 }
 
 impl Metrics {

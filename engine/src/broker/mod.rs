@@ -18,6 +18,7 @@ mod tick;
 
 use crate::config::Config;
 use crate::session::{Delivery, Enqueued, Message, Session};
+use crate::transport::Layers;
 use crate::wheel::Wheel;
 use bytes::Bytes;
 use clients::Clients;
@@ -36,7 +37,6 @@ use std::task::Waker;
 use tarta_proto::acl::{Acl, ClientAcl};
 use tarta_proto::index::TopicIndex;
 use tarta_proto::mqtt::{Connect, Packet, QoS, SubOptions, Will};
-use tarta_proto::ws::FrameDecoder;
 use tarta_proto::ByteStr;
 
 /// What shards send each other (batched per destination).
@@ -70,17 +70,14 @@ pub enum ShardMsg {
 pub struct Handoff {
     pub fd: OwnedFd,
     pub peer: SocketAddr,
+    /// The listener that accepted it (index in `Config::listeners`).
+    pub listener: u16,
     pub connect: Box<Connect>,
     /// MQTT bytes read after the CONNECT packet.
     pub rest: Bytes,
-    /// For a WebSocket connection: the frame decoder's state and the raw
-    /// (still framed) bytes not yet decoded.
-    pub ws: Option<WsCarry>,
-}
-
-pub struct WsCarry {
-    pub decoder: FrameDecoder,
-    pub raw: Bytes,
+    /// The transport layers (PROXY/TLS/WebSocket state, undecoded input,
+    /// unwritten output), if the connection has any.
+    pub layers: Option<Box<Layers>>,
 }
 
 /// The home shard of a client id: where its session lives. Stable and

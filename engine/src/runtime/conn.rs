@@ -7,14 +7,19 @@
 //! shard's buffer for one `recv(MSG_DONTWAIT)`; the bytes read are split
 //! off zero-copy and only an incomplete packet is copied into the
 //! connection's `partial`.
+//!
+//! Transports: a connection with a PROXY header, TLS or WebSocket has
+//! `Layers` (crate::transport); bytes read go down them (PROXY header,
+//! decryption, frames) before MQTT decoding, and a flush goes up them
+//! (framing, encryption) before the socket.
 
-use super::listener::Kind;
 use super::sched::{self, TaskKey};
-use super::Rt;
+use super::{ratelog, Rt};
 use crate::broker::client::{self, Flow};
 use crate::broker::conn::{CloseReason, Conn, OutQueue};
 use crate::broker::metrics::Metrics;
-use crate::broker::{home_shard, Handoff, ShardMsg, WsCarry};
+use crate::broker::{home_shard, Handoff, ShardMsg};
+use crate::transport::{Layers, Ws};
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
@@ -24,8 +29,9 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tarta_proto::mqtt::{self, Connect};
-use tarta_proto::ws::{close, frame, handshake, FrameDecoder, Handshake, WsEvent};
+use tarta_proto::mqtt::{self, Connect, Packet};
+use tarta_proto::proxy::{self, Parsed, Proxied};
+use tarta_proto::ws::{close, frame, handshake, Handshake, WsEvent};
 use tracing::{debug, warn};
 
 /// Reads that make progress before the task yields to others.
@@ -35,19 +41,7 @@ const IOV_MAX: usize = 64;
 
 enum Outcome {
     Close(CloseReason),
-    Handoff(Box<Connect>, Bytes, Option<WsCarry>),
-}
-
-/// The WebSocket layer of a connection (boxed: TCP connections have none).
-struct Ws {
-    /// The HTTP upgrade is done; frames flow.
-    open: bool,
-    decoder: FrameDecoder,
-    /// Raw bytes not yet decoded (an incomplete request, header or control frame).
-    raw: BytesMut,
-    /// Framed bytes waiting to be written (MQTT data is framed at flush time).
-    wire: OutQueue,
-    close_sent: bool,
+    Handoff(Box<Connect>, Bytes),
 }
 
 struct Io {
@@ -57,16 +51,18 @@ struct Io {
     /// False after a read found nothing, until the ring reports the socket
     /// readable again.
     may_read: bool,
+    /// The listener that accepted the connection (`Rt::endpoints`).
+    listener: u16,
     /// An incomplete MQTT packet (empty, and unallocated, between packets).
     partial: BytesMut,
-    ws: Option<Box<Ws>>,
+    /// PROXY/TLS/WebSocket state (none for plain MQTT over TCP).
+    layers: Option<Box<Layers>>,
 }
 
 /// A connection already past CONNECT on another shard (handoff).
 pub struct Initial {
     pub connect: Box<Connect>,
     pub rest: Bytes,
-    pub ws: Option<WsCarry>,
 }
 
 /// A connection's task, written by hand so that its future stays small:
@@ -81,36 +77,33 @@ pub struct ConnTask {
     closing: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
 
-/// Starts a connection's task on this shard's scheduler.
-pub fn spawn(rt: &Rc<Rt>, fd: OwnedFd, conn: Rc<Conn>, kind: Kind, initial: Option<Initial>) {
-    let raw = fd.as_raw_fd();
-    let rt = rt.clone();
-    sched::with(|s| s.spawn(Some(raw), move |key| run(rt, fd, key, conn, kind, initial)));
+/// How a new connection starts: which listener, which layers.
+pub struct Start {
+    pub listener: u16,
+    pub layers: Option<Box<Layers>>,
+    pub initial: Option<Initial>,
 }
 
-fn run(
-    rt: Rc<Rt>,
-    fd: OwnedFd,
-    key: TaskKey,
-    conn: Rc<Conn>,
-    kind: Kind,
-    initial: Option<Initial>,
-) -> ConnTask {
-    let ws = (kind == Kind::WebSocket).then(|| {
-        Box::new(Ws {
-            open: false,
-            decoder: FrameDecoder::new(u64::from(rt.shard.cfg.max_packet_size)),
-            raw: BytesMut::new(),
-            wire: OutQueue::default(),
-            close_sent: false,
-        })
-    });
+/// Starts a connection's task on this shard's scheduler.
+pub fn spawn(rt: &Rc<Rt>, fd: OwnedFd, conn: Rc<Conn>, start: Start) {
+    let raw = fd.as_raw_fd();
+    let rt = rt.clone();
+    sched::with(|s| s.spawn(Some(raw), move |key| run(rt, fd, key, conn, start)));
+}
+
+fn run(rt: Rc<Rt>, fd: OwnedFd, key: TaskKey, conn: Rc<Conn>, start: Start) -> ConnTask {
+    let Start {
+        listener,
+        layers,
+        initial,
+    } = start;
     let mut io = Io {
         fd,
         key,
         may_read: true,
+        listener,
         partial: BytesMut::new(),
-        ws,
+        layers,
     };
     let early = initial
         .and_then(|init| start_adopted(&rt, &conn, &mut io, init))
@@ -151,8 +144,8 @@ impl Future for ConnTask {
                     this.closing =
                         Some(Box::pin(close(this.rt.clone(), io, this.conn.clone(), why)));
                 }
-                Outcome::Handoff(connect, rest, ws) => {
-                    handoff(&this.rt, io, &this.conn, connect, rest, ws);
+                Outcome::Handoff(connect, rest) => {
+                    handoff(&this.rt, io, &this.conn, connect, rest);
                     return Poll::Ready(());
                 }
             }
@@ -162,21 +155,17 @@ impl Future for ConnTask {
 
 /// Replays the CONNECT (and any bytes after it) of a handed-off connection.
 fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option<Outcome> {
-    if let (Some(ws), Some(carry)) = (&mut io.ws, init.ws) {
-        ws.open = true;
-        ws.decoder = carry.decoder;
-        ws.raw = BytesMut::from(&carry.raw[..]);
-    }
     match client::connect(&rt.shard, conn, init.connect) {
         Flow::Close(why) => return Some(Outcome::Close(why)),
         Flow::Continue | Flow::Handoff(_) => {}
     }
     if !init.rest.is_empty() {
-        if let Some(o) = process(&mut io.partial, rt, conn, BytesMut::from(&init.rest[..])) {
+        let rest = BytesMut::from(&init.rest[..]);
+        if let Some(o) = process(&mut io.partial, rt, conn, rest, None) {
             return Some(o);
         }
     }
-    match &io.ws {
+    match io.layers.as_deref().and_then(|l| l.ws.as_ref()) {
         Some(ws) if !ws.raw.is_empty() => io.ingest(rt, conn, BytesMut::new()),
         _ => None,
     }
@@ -206,7 +195,8 @@ impl Io {
             }
             if conn.resumed.replace(false) {
                 // Decode what was kept back (held SUBACK, backpressure).
-                if let Some(o) = process(&mut self.partial, rt, conn, BytesMut::new()) {
+                let identity = self.layers.as_deref().and_then(|l| l.identity.as_deref());
+                if let Some(o) = process(&mut self.partial, rt, conn, BytesMut::new(), identity) {
                     return Poll::Ready(o);
                 }
                 if let Some(o) = self.ingest(rt, conn, BytesMut::new()) {
@@ -286,10 +276,21 @@ impl Io {
         }
     }
 
-    /// Bytes from the socket: MQTT directly, or through the WebSocket layer.
+    /// Bytes from the socket: MQTT directly, or down the layers.
     fn ingest(&mut self, rt: &Rt, conn: &Rc<Conn>, data: BytesMut) -> Option<Outcome> {
-        let Some(ws) = &mut self.ws else {
-            return process(&mut self.partial, rt, conn, data);
+        let Some(l) = &mut self.layers else {
+            return process(&mut self.partial, rt, conn, data, None);
+        };
+        let mut data = data;
+        if l.proxy {
+            data = proxy_stage(rt, conn, l, data)?;
+        }
+        if l.tls.is_some() {
+            data = tls_stage(rt, conn, self.listener, l, data)?;
+        }
+        let identity = l.identity.as_deref();
+        let Some(ws) = &mut l.ws else {
+            return process(&mut self.partial, rt, conn, data, identity);
         };
         let mut raw = if ws.raw.is_empty() {
             data
@@ -297,29 +298,24 @@ impl Io {
             ws.raw.extend_from_slice(&data);
             std::mem::take(&mut ws.raw)
         };
-        if !ws.open && !upgrade(rt, conn, ws, &mut raw) {
+        if !ws.open && !upgrade(rt, conn, self.listener, ws, &mut raw) {
             return None;
         }
         while !conn.is_closing() && !conn.held.get() && !conn.resumed.get() {
             match ws.decoder.next(&mut raw) {
                 Ok(Some(WsEvent::Data(chunk))) => {
-                    if let Some(o) = process(&mut self.partial, rt, conn, chunk) {
-                        return Some(match o {
-                            Outcome::Handoff(c, rest, _) => {
-                                let carry = WsCarry {
-                                    decoder: ws.decoder.clone(),
-                                    raw: raw.split().freeze(),
-                                };
-                                Outcome::Handoff(c, rest, Some(carry))
-                            }
-                            close => close,
-                        });
+                    if let Some(o) = process(&mut self.partial, rt, conn, chunk, identity) {
+                        if matches!(o, Outcome::Handoff(..)) {
+                            // The rest travels with the layers.
+                            ws.raw = BytesMut::from(&raw[..]);
+                        }
+                        return Some(o);
                     }
                 }
-                Ok(Some(WsEvent::Ping(p))) => ws.wire.push_bytes(&frame::pong_frame(&p)),
+                Ok(Some(WsEvent::Ping(p))) => ws.out.push_bytes(&frame::pong_frame(&p)),
                 Ok(Some(WsEvent::Pong)) => {}
                 Ok(Some(WsEvent::Close(code))) => {
-                    ws.wire
+                    ws.out
                         .push_bytes(&frame::close_frame(code.unwrap_or(close::NORMAL), ""));
                     ws.close_sent = true;
                     conn.request_close(CloseReason::WsClosed);
@@ -338,33 +334,141 @@ impl Io {
         None
     }
 
-    /// Writes as much as the socket takes without blocking. For WebSocket,
-    /// everything the broker queued becomes one binary frame per flush.
+    /// Writes as much as the socket takes without blocking, up the layers:
+    /// for WebSocket, everything the broker queued becomes one binary
+    /// frame per flush; under TLS it is encrypted in as few records as fit.
     fn flush(&mut self, conn: &Conn) -> io::Result<()> {
-        let Some(ws) = &mut self.ws else {
+        let Some(l) = &mut self.layers else {
             return write_queue(&self.fd, self.key, &mut conn.out.borrow_mut());
         };
-        if ws.open && !ws.close_sent {
-            let mut out = conn.out.borrow_mut();
-            if !out.is_empty() {
-                let mut h = [0u8; 10];
-                let n = frame::frame_header(frame::OP_BINARY, out.len() as u64, &mut h);
-                ws.wire.push_bytes(&h[..n]);
-                ws.wire.append(&mut out);
+        if let Some(ws) = &mut l.ws {
+            if ws.open && !ws.close_sent {
+                let mut out = conn.out.borrow_mut();
+                if !out.is_empty() {
+                    let mut h = [0u8; 10];
+                    let n = frame::frame_header(frame::OP_BINARY, out.len() as u64, &mut h);
+                    ws.out.push_bytes(&h[..n]);
+                    ws.out.append(&mut out);
+                }
             }
         }
-        let r = write_queue(&self.fd, self.key, &mut ws.wire);
-        conn.wire_pending.set(ws.wire.len() as u32);
+        let r = match &mut l.tls {
+            Some(tls) => loop {
+                // Encrypt only what the socket takes: the plaintext waits
+                // in its queue (counted, bounded) rather than as records.
+                if let Err(e) = write_queue(&self.fd, self.key, &mut l.wire) {
+                    break Err(e);
+                }
+                if !l.wire.is_empty() {
+                    break Ok(());
+                }
+                let taken = match &mut l.ws {
+                    Some(ws) => tls.write(&mut ws.out, &mut l.wire),
+                    None => tls.write(&mut conn.out.borrow_mut(), &mut l.wire),
+                };
+                match taken {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => {}
+                    Err(e) => break Err(io::Error::other(e)),
+                }
+            },
+            None => match &mut l.ws {
+                Some(ws) => write_queue(&self.fd, self.key, &mut ws.out),
+                None => Ok(()),
+            },
+        };
+        conn.wire_pending.set(l.pending() as u32);
         r
+    }
+}
+
+/// The PROXY protocol stage: reads the header (setting the client's
+/// address) and returns the bytes after it; None while the header is
+/// incomplete or when the connection is being closed for a bad one.
+fn proxy_stage(rt: &Rt, conn: &Conn, l: &mut Layers, data: BytesMut) -> Option<BytesMut> {
+    let mut buf = if l.pre.is_empty() {
+        data
+    } else {
+        l.pre.extend_from_slice(&data);
+        std::mem::take(&mut l.pre)
+    };
+    match proxy::parse(&buf) {
+        Ok(Parsed::NeedMore) => {
+            l.pre = BytesMut::from(&buf[..]);
+            None
+        }
+        Ok(Parsed::Done { header, consumed }) => {
+            l.proxy = false;
+            if let Proxied::Client { src, .. } = header {
+                conn.set_peer(src);
+            }
+            buf.advance(consumed);
+            Some(buf)
+        }
+        Err(e) => {
+            Metrics::inc(&rt.shard.metrics.proxy_malformed);
+            if let Some(more) = ratelog::allow(ratelog::Kind::Proxy) {
+                warn!(shard = rt.shard.id, peer = %conn.peer(), suppressed = more, "closing connection: bad PROXY protocol header: {e}");
+            }
+            conn.request_close(CloseReason::Transport("bad PROXY protocol header"));
+            None
+        }
+    }
+}
+
+/// The TLS stage: decrypts, and returns the plaintext (None when the
+/// connection is being closed).
+fn tls_stage(
+    rt: &Rt,
+    conn: &Conn,
+    listener: u16,
+    l: &mut Layers,
+    data: BytesMut,
+) -> Option<BytesMut> {
+    let tls = l.tls.as_mut()?;
+    let mut plain = BytesMut::new();
+    match tls.read(data, &mut plain, &mut l.wire) {
+        Ok(o) => {
+            if o.handshake_done {
+                Metrics::inc(&rt.shard.metrics.tls_handshakes);
+                let ep = &rt.endpoints[usize::from(listener)];
+                if ep.cfg.tls.as_ref().is_some_and(|t| t.identity_as_username) {
+                    match tls.peer_common_name() {
+                        Some(cn) => l.identity = Some(cn.into_boxed_str()),
+                        None => {
+                            Metrics::inc(&rt.shard.metrics.tls_failed);
+                            if let Some(more) = ratelog::allow(ratelog::Kind::Tls) {
+                                warn!(shard = rt.shard.id, peer = %conn.peer(), suppressed = more, "closing TLS connection: client certificate has no common name (identity_as_username)");
+                            }
+                            conn.request_close(CloseReason::Transport("certificate without CN"));
+                            return None;
+                        }
+                    }
+                }
+            }
+            if o.peer_closed {
+                conn.request_close(CloseReason::PeerGone);
+            }
+            Some(plain)
+        }
+        Err(e) => {
+            Metrics::inc(&rt.shard.metrics.tls_failed);
+            if let Some(more) = ratelog::allow(ratelog::Kind::Tls) {
+                warn!(shard = rt.shard.id, peer = %conn.peer(), suppressed = more, "closing TLS connection: {e}");
+            }
+            conn.request_close(CloseReason::Transport("TLS error"));
+            None
+        }
     }
 }
 
 /// The HTTP part of a WebSocket connection. Returns true once upgraded
 /// (with `raw` advanced past the request).
-fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
+fn upgrade(rt: &Rt, conn: &Conn, listener: u16, ws: &mut Ws, raw: &mut BytesMut) -> bool {
     let m = &rt.shard.metrics;
     let peer = conn.peer();
-    match handshake(raw, &rt.shard.cfg.ws_handshake, peer.ip()) {
+    let cfg = &rt.endpoints[usize::from(listener)].cfg.ws;
+    match handshake(raw, cfg, peer.ip()) {
         Handshake::NeedMore => {
             ws.raw = BytesMut::from(&raw[..]);
             false
@@ -374,7 +478,7 @@ fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
             response,
             why,
         } => {
-            ws.wire.push_bytes(&response);
+            ws.out.push_bytes(&response);
             if status == 200 {
                 Metrics::inc(&m.http_health);
             } else {
@@ -390,7 +494,7 @@ fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
             forwarded_for,
             ..
         } => {
-            ws.wire.push_bytes(&response);
+            ws.out.push_bytes(&response);
             ws.open = true;
             raw.advance(consumed);
             if let Some(ip) = forwarded_for {
@@ -403,12 +507,15 @@ fn upgrade(rt: &Rt, conn: &Conn, ws: &mut Ws, raw: &mut BytesMut) -> bool {
 }
 
 /// Decodes and handles every complete MQTT packet in `data` (after what is
-/// left over in `partial` from earlier reads).
+/// left over in `partial` from earlier reads). `identity`: the TLS client
+/// certificate's name, which replaces CONNECT's username
+/// (`identity_as_username`).
 fn process(
     partial: &mut BytesMut,
     rt: &Rt,
     conn: &Rc<Conn>,
     mut data: BytesMut,
+    identity: Option<&str>,
 ) -> Option<Outcome> {
     let use_partial = !partial.is_empty();
     if use_partial {
@@ -423,20 +530,26 @@ fn process(
     loop {
         let protocol = conn.state.borrow().protocol;
         match mqtt::decode(buf, protocol, max) {
-            Ok(Some(p)) => match client::on_packet(&rt.shard, conn, p) {
-                Flow::Continue if conn.held.get() => break,
-                Flow::Continue if rt.shard.congested.get() > 0 && !conn.acking.get() => {
-                    // Stop between packets; the rest is decoded on resume.
-                    conn.resumed.set(true);
-                    break;
+            Ok(Some(mut p)) => {
+                if let (Some(id), Packet::Connect(c)) = (identity, &mut p) {
+                    c.username = Some(id.into());
+                    c.password = None;
                 }
-                Flow::Continue => {}
-                Flow::Close(why) => {
-                    conn.request_close(why);
-                    break;
+                match client::on_packet(&rt.shard, conn, p) {
+                    Flow::Continue if conn.held.get() => break,
+                    Flow::Continue if rt.shard.congested.get() > 0 && !conn.acking.get() => {
+                        // Stop between packets; the rest is decoded on resume.
+                        conn.resumed.set(true);
+                        break;
+                    }
+                    Flow::Continue => {}
+                    Flow::Close(why) => {
+                        conn.request_close(why);
+                        break;
+                    }
+                    Flow::Handoff(c) => return Some(Outcome::Handoff(c, buf.split().freeze())),
                 }
-                Flow::Handoff(c) => return Some(Outcome::Handoff(c, buf.split().freeze(), None)),
-            },
+            }
             Ok(None) => break,
             Err(e) => {
                 conn.request_close(client::on_decode_error(conn, &e));
@@ -501,11 +614,12 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     }
     client::server_disconnect(&conn, &why);
     client::on_closed(&rt.shard, &conn, &why);
-    let ws_close = match &io.ws {
+    let ws_close = match io.layers.as_deref().and_then(|l| l.ws.as_ref()) {
         Some(ws) if ws.open && !ws.close_sent => Some(why.ws_close_code()),
         _ => None,
     };
-    // Flush what is queued (CONNACK refusals, DISCONNECT), for a short while.
+    // Flush what is queued (CONNACK refusals, DISCONNECT), for a short
+    // while, then the WebSocket close frame and TLS close_notify.
     let flushed = glommio::timer::timeout(Duration::from_secs(1), async {
         poll_fn(|cx| {
             conn.set_waker(cx.waker());
@@ -514,12 +628,22 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
                     debug!("flush on close: {e}");
                     return Poll::Ready(());
                 }
-                if let (Some(code), Some(ws)) = (ws_close, &mut io.ws) {
-                    if !ws.close_sent && conn.out.borrow().is_empty() {
-                        // After the MQTT bytes, the WebSocket close handshake.
-                        ws.wire.push_bytes(&frame::close_frame(code, ""));
-                        ws.close_sent = true;
-                        continue;
+                let mqtt_done = conn.out.borrow().is_empty();
+                if let Some(l) = io.layers.as_deref_mut() {
+                    if let (Some(code), Some(ws)) = (ws_close, &mut l.ws) {
+                        if !ws.close_sent && mqtt_done {
+                            // After the MQTT bytes, the WebSocket close handshake.
+                            ws.out.push_bytes(&frame::close_frame(code, ""));
+                            ws.close_sent = true;
+                            continue;
+                        }
+                    }
+                    let ws_done = l.ws.as_ref().is_none_or(|w| w.out.is_empty());
+                    if let Some(tls) = &mut l.tls {
+                        if mqtt_done && ws_done && tls.is_ready() && !tls.close_queued() {
+                            tls.close(&mut l.wire);
+                            continue;
+                        }
                     }
                 }
                 return if conn.queued() == 0 {
@@ -537,24 +661,26 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
         debug!(client_id = %client_id, "gave up flushing on close");
     }
     sched::with(|s| s.unwatch(io.key));
+    rt.endpoints[usize::from(io.listener)].closed();
     // SAFETY: shutdown(2) on the socket we own; it is closed when `io` drops.
     unsafe { libc::shutdown(io.fd.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
-/// Moves the connection to the home shard of its client id.
-fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes, ws: Option<WsCarry>) {
+/// Moves the connection to the home shard of its client id, with its
+/// layers (TLS session, WebSocket state, unwritten output).
+fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes) {
     Metrics::dec(&rt.shard.metrics.connections_current);
     Metrics::inc(&rt.shard.metrics.connections_handed_off);
     // This ring stops watching the socket before the home shard's starts.
     sched::with(|s| s.unwatch(io.key));
-    let fd = io.fd;
     let home = home_shard(&connect.client_id, rt.shard.n);
     let h = Handoff {
-        fd,
+        fd: io.fd,
         peer: conn.peer(),
+        listener: io.listener,
         connect,
         rest,
-        ws,
+        layers: io.layers,
     };
     let mut st = rt.shard.st.borrow_mut();
     rt.shard
@@ -566,20 +692,21 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
     let Handoff {
         fd,
         peer,
+        listener,
         connect,
         rest,
-        ws,
+        layers,
     } = h;
     let conn = rt.shard.new_conn(peer);
     debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
-    let kind = if ws.is_some() {
-        Kind::WebSocket
-    } else {
-        Kind::Tcp
+    let start = Start {
+        listener,
+        layers,
+        initial: Some(Initial { connect, rest }),
     };
-    let init = Initial { connect, rest, ws };
-    spawn(rt, fd, conn, kind, Some(init));
+    spawn(rt, fd, conn, start);
 }
+
 #[cfg(test)]
 mod tests {
     /// Every idle connection pays for these three allocations; each is kept

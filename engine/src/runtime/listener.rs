@@ -6,14 +6,103 @@
 //! connections cleanly: it frees a spare descriptor, accepts and closes one
 //! connection, and takes the spare back, so it neither spins nor crashes.
 
-use super::{conn, peer_or_unspecified, sched, Rt};
+use super::{conn, peer_or_unspecified, ratelog, sched, Rt};
 use crate::broker::metrics::Metrics;
+use crate::config::{ListenProtocol, Listener};
+use crate::transport::{certs, tls::Tls, Layers, Ws};
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use rustls::server::{ProducesTickets, ServerConfig};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
+
+/// A listener as every shard sees it (shared by all shards).
+pub struct Endpoint {
+    pub cfg: Listener,
+    /// The TLS configuration new connections get (replaced on SIGHUP;
+    /// connections keep the one they started with).
+    pub tls: Option<ArcSwap<ServerConfig>>,
+    /// Session-ticket keys, kept across reloads.
+    ticketer: Option<Arc<dyn ProducesTickets>>,
+    /// Connections open now, over all shards (for `max_connections`).
+    open: AtomicUsize,
+}
+
+impl Endpoint {
+    /// Reads the listener's certificate files. An error names the file.
+    pub fn new(cfg: Listener) -> Result<Endpoint, String> {
+        let (tls, ticketer) = match &cfg.tls {
+            Some(files) => {
+                let t = certs::ticketer()?;
+                let sc = certs::server_config(&cfg, files, t.clone())
+                    .map_err(|e| format!("listener {} ({}): {e}", cfg.bind, cfg.name()))?;
+                (Some(ArcSwap::new(sc)), Some(t))
+            }
+            None => (None, None),
+        };
+        Ok(Endpoint {
+            cfg,
+            tls,
+            ticketer,
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    /// Re-reads the certificate files (SIGHUP). On error the listener keeps
+    /// its current certificates.
+    pub fn reload(&self) -> Result<bool, String> {
+        let (Some(files), Some(cur), Some(t)) = (&self.cfg.tls, &self.tls, &self.ticketer) else {
+            return Ok(false);
+        };
+        let sc = certs::server_config(&self.cfg, files, t.clone())
+            .map_err(|e| format!("listener {} ({}): {e}", self.cfg.bind, self.cfg.name()))?;
+        cur.store(sc);
+        Ok(true)
+    }
+
+    /// Counts a new connection; false if the listener is full.
+    fn admit(&self) -> bool {
+        let max = self.cfg.max_connections;
+        let n = self.open.fetch_add(1, Ordering::Relaxed);
+        if max != 0 && n >= max {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A connection of this listener closed.
+    pub fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The layers a new connection of this listener starts with (None:
+    /// plain MQTT over TCP).
+    fn layers(&self, max_frame: u64) -> Result<Option<Box<Layers>>, rustls::Error> {
+        let ws = self.cfg.protocol == ListenProtocol::Ws;
+        if !ws && self.tls.is_none() && !self.cfg.proxy_protocol {
+            return Ok(None);
+        }
+        let tls = match &self.tls {
+            Some(sc) => Some(Box::new(Tls::new(sc.load_full())?)),
+            None => None,
+        };
+        Ok(Some(Box::new(Layers {
+            proxy: self.cfg.proxy_protocol,
+            pre: BytesMut::new(),
+            tls,
+            ws: ws.then(|| Ws::new(max_frame)),
+            wire: Default::default(),
+            identity: None,
+        })))
+    }
+}
 
 pub struct Bound {
     /// The actual addresses (port 0 resolved).
@@ -57,15 +146,8 @@ pub fn bind_all(addrs: &[SocketAddr], shards: usize) -> Result<Bound, String> {
     Ok(out)
 }
 
-/// What a listener speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Tcp,
-    WebSocket,
-}
-
-/// Starts the accept loop of one listener on this shard.
-pub fn start(rt: Rc<Rt>, fd: OwnedFd, kind: Kind) {
+/// Starts the accept loop of listener `idx` on this shard.
+pub fn start(rt: Rc<Rt>, fd: OwnedFd, idx: u16) {
     if let Err(e) = socket2::SockRef::from(&fd).set_nonblocking(true) {
         warn!(
             shard = rt.shard.id,
@@ -74,7 +156,7 @@ pub fn start(rt: Rc<Rt>, fd: OwnedFd, kind: Kind) {
         return;
     }
     let raw = fd.as_raw_fd();
-    sched::with(|s| s.spawn(Some(raw), move |_| accept_loop(rt, fd, kind)));
+    sched::with(|s| s.spawn(Some(raw), move |_| accept_loop(rt, fd, idx)));
 }
 
 fn spare_fd() -> Option<OwnedFd> {
@@ -159,7 +241,48 @@ fn refuse_pending(listener: i32) -> u64 {
 /// Connections accepted before the loop lets other tasks run.
 const ACCEPT_BATCH: u32 = 64;
 
-async fn accept_loop(rt: Rc<Rt>, listener: OwnedFd, kind: Kind) {
+/// Sets up an accepted connection: limits, PROXY trust, layers, task.
+fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
+    let m = &rt.shard.metrics;
+    let ep = &rt.endpoints[usize::from(idx)];
+    if !ep.admit() {
+        Metrics::inc(&m.refused_listener_full);
+        if let Some(more) = ratelog::allow(ratelog::Kind::Refused) {
+            warn!(shard = rt.shard.id, listener = %ep.cfg.bind, %peer, suppressed = more, "refusing connection: listener at max_connections ({})", ep.cfg.max_connections);
+        }
+        return;
+    }
+    if ep.cfg.proxy_protocol && !ep.cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+        ep.closed();
+        Metrics::inc(&m.proxy_untrusted);
+        if let Some(more) = ratelog::allow(ratelog::Kind::Proxy) {
+            warn!(shard = rt.shard.id, listener = %ep.cfg.bind, %peer, suppressed = more, "refusing connection: PROXY protocol listener, and the peer is not in trusted_proxies");
+        }
+        return;
+    }
+    let layers = match ep.layers(u64::from(rt.shard.cfg.max_packet_size)) {
+        Ok(l) => l,
+        Err(e) => {
+            ep.closed();
+            Metrics::inc(&m.tls_failed);
+            if let Some(more) = ratelog::allow(ratelog::Kind::Tls) {
+                warn!(shard = rt.shard.id, %peer, suppressed = more, "cannot start TLS: {e}");
+            }
+            return;
+        }
+    };
+    let _ = socket2::SockRef::from(&fd).set_nodelay(true);
+    Metrics::inc(&m.connections_accepted);
+    let c = rt.shard.new_conn(peer);
+    let start = conn::Start {
+        listener: idx,
+        layers,
+        initial: None,
+    };
+    conn::spawn(rt, fd, c, start);
+}
+
+async fn accept_loop(rt: Rc<Rt>, listener: OwnedFd, idx: u16) {
     let raw = listener.as_raw_fd();
     let mut spare = spare_fd();
     let mut last_warn: Option<std::time::Instant> = None;
@@ -167,10 +290,7 @@ async fn accept_loop(rt: Rc<Rt>, listener: OwnedFd, kind: Kind) {
     loop {
         match accept(raw) {
             Ok((fd, peer)) => {
-                let _ = socket2::SockRef::from(&fd).set_nodelay(true);
-                Metrics::inc(&rt.shard.metrics.connections_accepted);
-                let c = rt.shard.new_conn(peer);
-                conn::spawn(&rt, fd, c, kind, None);
+                admit(&rt, fd, peer, idx);
                 batch += 1;
                 if batch == ACCEPT_BATCH {
                     batch = 0;

@@ -9,6 +9,7 @@
 mod conn;
 mod listener;
 mod pump;
+mod ratelog;
 mod sched;
 
 use crate::broker::{Shard, ShardMsg};
@@ -16,7 +17,7 @@ use crate::config::Config;
 use crate::mesh::{self, MeshEnds};
 use bytes::BytesMut;
 use glommio::{LocalExecutorBuilder, Placement};
-use listener::Kind;
+use listener::Endpoint;
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -37,6 +38,8 @@ pub(crate) struct Rt {
     /// The shard-wide read buffer (see `conn`).
     pub rbuf: RefCell<BytesMut>,
     pub shutdown: Arc<AtomicBool>,
+    /// Every listener (index = `Config::listeners` index), shared by all shards.
+    pub endpoints: Arc<Vec<Endpoint>>,
 }
 
 /// The CPUs this process may run on.
@@ -66,8 +69,8 @@ fn disable_thp() {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) so
-/// that `wait_for_signal` receives them.
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it
+/// starts) so that `wait_for_signal` receives them.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local set.
     unsafe {
@@ -75,6 +78,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -103,32 +107,40 @@ pub fn run(cfg: Config) -> Result<(), String> {
         None => None,
     };
     let n = cfg.shards;
-    let tcp = listener::bind_all(&cfg.tcp, n)?;
-    let ws = listener::bind_all(&cfg.ws, n)?;
-    for (kind, flag, bound) in [("tcp", "tcp", &tcp), ("ws", "ws", &ws)] {
-        for addr in &bound.addrs {
-            // A stable line on stdout that scripts and tests wait for.
-            println!("tarta listening mqtt/{kind} {addr}");
-            info!(%addr, "listening for MQTT over {kind}");
-            if addr.ip().is_loopback() {
-                info!(
-                    "{addr} is local-only (like Mosquitto 2); pass --{flag} 0.0.0.0:{} to accept other hosts",
-                    addr.port()
-                );
-            }
+    // Certificates are read here, before anything listens: a TLS listener
+    // whose files are missing or invalid stops the start with their name.
+    let endpoints = cfg
+        .listeners
+        .iter()
+        .map(|l| Endpoint::new(l.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if endpoints.len() > usize::from(u16::MAX) {
+        return Err("too many listeners".into());
+    }
+    let binds: Vec<SocketAddr> = cfg.listeners.iter().map(|l| l.bind).collect();
+    let bound = listener::bind_all(&binds, n)?;
+    for (l, addr) in cfg.listeners.iter().zip(&bound.addrs) {
+        let kind = l.name();
+        // A stable line on stdout that scripts and tests wait for.
+        println!("tarta listening mqtt/{kind} {addr}");
+        info!(%addr, tls = l.tls.is_some(), proxy_protocol = l.proxy_protocol, "listening for MQTT over {kind}");
+        if addr.ip().is_loopback() {
+            info!(
+                "{addr} is local-only (like Mosquitto 2); bind 0.0.0.0:{} to accept other hosts",
+                addr.port()
+            );
         }
     }
+    let endpoints = Arc::new(endpoints);
     let signals = block_signals();
     let cfg = Arc::new(cfg);
     let shutdown = Arc::new(AtomicBool::new(false));
     let (ends, bells) = mesh::build::<ShardMsg>(n, cfg.mesh_capacity);
     let cpus = available_cpus();
-    let mut per_shard: Vec<Vec<(OwnedFd, Kind)>> = (0..n).map(|_| Vec::new()).collect();
-    for (bound, kind) in [(tcp, Kind::Tcp), (ws, Kind::WebSocket)] {
-        for per_addr in bound.fds {
-            for (i, fd) in per_addr.into_iter().enumerate() {
-                per_shard[i].push((fd, kind));
-            }
+    let mut per_shard: Vec<Vec<(OwnedFd, u16)>> = (0..n).map(|_| Vec::new()).collect();
+    for (idx, per_addr) in bound.fds.into_iter().enumerate() {
+        for (i, fd) in per_addr.into_iter().enumerate() {
+            per_shard[i].push((fd, idx as u16));
         }
     }
     let mut handles = Vec::new();
@@ -139,6 +151,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             Placement::Unbound
         };
         let (cfg, acl, shutdown) = (cfg.clone(), acl.clone(), shutdown.clone());
+        let endpoints = endpoints.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("tarta-shard-{id}"))
             .io_memory(cfg.io_memory)
@@ -148,6 +161,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     mesh: ends,
                     rbuf: RefCell::new(BytesMut::new()),
                     shutdown,
+                    endpoints,
                 });
                 shard_main(rt, fds).await;
             })
@@ -155,8 +169,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
         handles.push(h);
     }
     println!("tarta started with {n} shards");
-    let sig = wait_for_signal(&signals);
-    info!(signal = sig, "shutting down");
+    loop {
+        let sig = wait_for_signal(&signals);
+        if sig != libc::SIGHUP {
+            info!(signal = sig, "shutting down");
+            break;
+        }
+        reload(&endpoints);
+    }
     shutdown.store(true, Ordering::Release);
     for b in &bells {
         b.ring();
@@ -170,7 +190,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, Kind)>) {
+/// SIGHUP: re-reads every TLS listener's certificates. New connections
+/// get the new ones; open connections are not touched. A listener whose
+/// files fail keeps its current certificates (and the error is logged).
+fn reload(endpoints: &[Endpoint]) {
+    let (mut ok, mut failed) = (0, 0);
+    for ep in endpoints {
+        match ep.reload() {
+            Ok(true) => ok += 1,
+            Ok(false) => {}
+            Err(e) => {
+                failed += 1;
+                error!("SIGHUP: certificates not reloaded, keeping the current ones: {e}");
+            }
+        }
+    }
+    info!(reloaded = ok, failed, "SIGHUP: TLS certificates reloaded");
+}
+
+async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>) {
     let efd = match sched::init() {
         Ok(fd) => fd,
         Err(e) => {
@@ -183,8 +221,8 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, Kind)>) {
     };
     glommio::spawn_local(watch_ring(efd)).detach();
     glommio::spawn_local(sched::run()).detach();
-    for (fd, kind) in listeners {
-        listener::start(rt.clone(), fd, kind);
+    for (fd, idx) in listeners {
+        listener::start(rt.clone(), fd, idx);
     }
     glommio::spawn_local(pump::ticker(rt.clone())).detach();
     pump::mesh_pump(rt.clone()).await;

@@ -1,0 +1,95 @@
+//! Builds a listener's rustls `ServerConfig` from its PEM files (at start
+//! and on SIGHUP, in the main thread: file reads never happen on a shard).
+//!
+//! Crypto provider: *ring*. It builds with the C compiler alone (aws-lc-rs,
+//! rustls's default, needs a longer C build), and on x86-64 its AES-GCM,
+//! ChaCha20-Poly1305, X25519 and P-256 are assembly like aws-lc's. Without
+//! aws-lc, rustls offers no post-quantum hybrid key exchange, so a
+//! handshake costs one X25519 (or P-256) exchange, not X25519MLKEM768.
+//! TLS 1.2 and 1.3 only (rustls has nothing older).
+
+use crate::config::{ListenProtocol, Listener, TlsFiles};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ProducesTickets, ServerConfig, WebPkiClientVerifier};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The crypto provider every TLS listener uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A session-ticket key generator for one listener, kept across reloads
+/// (tickets issued before a SIGHUP stay valid) and stateless (no session
+/// cache shared between shards).
+pub fn ticketer() -> Result<Arc<dyn ProducesTickets>, String> {
+    rustls::crypto::ring::Ticketer::new().map_err(|e| format!("cannot create a TLS ticketer: {e}"))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read certificate file {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("invalid certificate file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("cannot read private key {}: {e}", path.display()))
+}
+
+/// The server configuration of a TLS listener.
+pub fn server_config(
+    l: &Listener,
+    files: &TlsFiles,
+    ticketer: Arc<dyn ProducesTickets>,
+) -> Result<Arc<ServerConfig>, String> {
+    let provider = provider();
+    let chain = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("invalid CA certificate in {}: {e}", ca.display()))?;
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let v = if files.require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            let v = v
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "certificate {} and key {} do not form a usable pair: {e}",
+            files.cert.display(),
+            files.key.display()
+        )
+    })?;
+    cfg.alpn_protocols = vec![match l.protocol {
+        ListenProtocol::Mqtt => b"mqtt".to_vec(),
+        ListenProtocol::Ws => b"http/1.1".to_vec(),
+    }];
+    cfg.ticketer = ticketer;
+    cfg.send_tls13_tickets = 1;
+    Ok(Arc::new(cfg))
+}
