@@ -17,6 +17,8 @@ pub struct Broker {
     pub port: u16,
     /// The MQTT over WebSocket port.
     pub ws_port: u16,
+    /// Every listener the broker reported, in order: (tcp|ws|tls|wss, port).
+    pub listeners: Vec<(String, u16)>,
     stderr_path: std::path::PathBuf,
 }
 
@@ -32,13 +34,19 @@ impl Broker {
     /// Starts `cmd` (the tarta binary, or a shell that execs it) with the
     /// standard test flags plus `extra`.
     pub fn start_cmd(mut cmd: Command, extra: &[&str]) -> Broker {
+        cmd.args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"]);
+        Self::start_bare(cmd, extra)
+    }
+
+    /// Starts `cmd` with the standard test flags except the listeners
+    /// (a `--config` file or `extra` gives them).
+    pub fn start_bare(mut cmd: Command, extra: &[&str]) -> Broker {
         let dir =
             std::env::temp_dir().join(format!("tarta-e2e-{}-{}", std::process::id(), rand_u64()));
         std::fs::create_dir_all(&dir).unwrap();
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        cmd.args(["--tcp", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
-            .args(["--shards", "2", "--no-pin"])
+        cmd.args(["--shards", "2", "--no-pin"])
             .args(["--sys-interval", "1", "--log", "debug"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -46,20 +54,25 @@ impl Broker {
         let mut child = cmd.spawn().expect("start tarta");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut port, mut ws_port) = (0, 0);
+        let mut listeners = Vec::new();
         for line in lines.by_ref() {
             let line = line.unwrap();
-            let port_of = |addr: &str| addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-            if let Some(addr) = line.strip_prefix("tarta listening mqtt/tcp ") {
-                port = port_of(addr);
-            }
-            if let Some(addr) = line.strip_prefix("tarta listening mqtt/ws ") {
-                ws_port = port_of(addr);
+            if let Some(rest) = line.strip_prefix("tarta listening mqtt/") {
+                let (kind, addr) = rest.split_once(' ').unwrap();
+                let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+                listeners.push((kind.to_string(), port));
             }
             if line.starts_with("tarta started") {
                 break;
             }
         }
+        let first = |k: &str| {
+            listeners
+                .iter()
+                .find(|(kind, _)| kind == k)
+                .map_or(0, |l| l.1)
+        };
+        let (port, ws_port) = (first("tcp"), first("ws"));
         assert!(port != 0, "tarta did not report its port");
         // Keep draining stdout so the broker never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
@@ -67,8 +80,18 @@ impl Broker {
             child,
             port,
             ws_port,
+            listeners,
             stderr_path,
         }
+    }
+
+    /// The port of the first listener of this kind (tcp, ws, tls, wss).
+    pub fn port_of(&self, kind: &str) -> u16 {
+        self.listeners
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|l| l.1)
+            .unwrap_or_else(|| panic!("no {kind} listener"))
     }
 
     pub fn log(&self) -> String {

@@ -11,5 +11,6 @@ mod errors;
 mod ops;
 mod pubsub;
 mod sessions;
+mod tls;
 mod v5;
 mod ws;

@@ -374,7 +374,8 @@ impl Io {
             },
             None => match &mut l.ws {
                 Some(ws) => write_queue(&self.fd, self.key, &mut ws.out),
-                None => Ok(()),
+                // Only a PROXY stage: MQTT bytes go out as they are.
+                None => write_queue(&self.fd, self.key, &mut conn.out.borrow_mut()),
             },
         };
         conn.wire_pending.set(l.pending() as u32);
