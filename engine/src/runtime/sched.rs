@@ -4,7 +4,7 @@
 //!
 //! Why not a glommio stream and task per connection: glommio keeps a
 //! stream object, an armed `Source` and a task header for each idle
-//! connection (~1 KB, GLOMMIO.md). Here an idle connection costs one slot
+//! connection (~1 KB, docs/GLOMMIO.md). Here an idle connection costs one slot
 //! (32 B) and its boxed task; its readiness is a multishot `POLL_ADD` in this
 //! ring (kernel memory, re-armed only if the kernel ends it).
 //!
@@ -21,16 +21,23 @@
 //! and the pass reports more work (tests/interop/burst_check.py: 17,000
 //! sockets readable at once on one shard, every one served).
 //!
-//! Tasks are woken with a `Waker` that names their slot and generation:
-//! a stale waker or completion (slot reused) is ignored.
+//! Tasks are woken with a `Waker` that names their scheduler, slot and
+//! generation: a stale waker or completion (slot reused) is ignored (at
+//! worst, after 2^20 reuses of one slot, it wakes a task spuriously, which
+//! a future must tolerate anyway). A waker used on another thread (a
+//! bridge or cluster thread, say) finds its scheduler in a process-wide
+//! registry: the key is queued there and the shard's eventfd is written,
+//! so the shard wakes and polls the task on its own thread.
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use tracing::{debug, warn};
 
@@ -48,6 +55,11 @@ const TAG_MASK: u64 = 3 << 62;
 /// Completions nobody waits for (poll removals).
 const IGNORE: u64 = 0;
 
+/// Generations wrap at 2^20 (bits 32..52 of a packed key).
+const GEN_MASK: u32 = (1 << 20) - 1;
+/// Schedulers in the process (bits 52..62 of a waker's data).
+const MAX_SCHEDS: usize = 1 << 10;
+
 /// A task's identity: slot index and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskKey {
@@ -57,13 +69,43 @@ pub struct TaskKey {
 
 impl TaskKey {
     fn pack(self) -> u64 {
-        (u64::from(self.gen & 0x3fff_ffff) << 32) | u64::from(self.slot)
+        (u64::from(self.gen & GEN_MASK) << 32) | u64::from(self.slot)
     }
     fn unpack(v: u64) -> TaskKey {
         TaskKey {
             slot: v as u32,
-            gen: ((v >> 32) & 0x3fff_ffff) as u32,
+            gen: ((v >> 32) as u32) & GEN_MASK,
         }
+    }
+}
+
+/// What another thread needs to wake a task of this scheduler.
+struct Remote {
+    /// Tasks woken from other threads, not yet taken by the scheduler.
+    keys: Mutex<Vec<TaskKey>>,
+    /// Set when `keys` went from empty to not empty (one eventfd write).
+    pending: AtomicBool,
+    /// A duplicate of the scheduler's eventfd (valid for the process's life).
+    efd: OwnedFd,
+}
+
+/// Every scheduler of the process, by id (entries are never removed).
+static REMOTES: RwLock<Vec<Arc<Remote>>> = RwLock::new(Vec::new());
+
+/// Wakes task `key` of scheduler `id` from a thread that is not its own.
+fn wake_remote(id: usize, key: TaskKey) {
+    let remote = match REMOTES.read() {
+        Ok(r) => r.get(id).cloned(),
+        Err(_) => None,
+    };
+    let Some(r) = remote else { return };
+    if let Ok(mut keys) = r.keys.lock() {
+        keys.push(key);
+    }
+    if !r.pending.swap(true, Ordering::AcqRel) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a local to our own eventfd.
+        unsafe { libc::write(r.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 }
 
@@ -95,6 +137,9 @@ pub struct Sched {
     next_gen: Cell<u32>,
     /// Requests that did not fit the submission queue.
     overflow: RefCell<Vec<squeue::Entry>>,
+    /// This scheduler's id in `REMOTES` (usize::MAX before `init`).
+    id: Cell<usize>,
+    remote: RefCell<Option<Arc<Remote>>>,
 }
 
 thread_local! {
@@ -106,6 +151,8 @@ thread_local! {
         waker: Cell::new(None),
         next_gen: Cell::new(1),
         overflow: RefCell::new(Vec::new()),
+        id: Cell::new(usize::MAX),
+        remote: RefCell::new(None),
     } };
 }
 
@@ -139,29 +186,64 @@ pub fn init() -> io::Result<RawFd> {
         return Err(io::Error::last_os_error());
     }
     ring.submitter().register_eventfd(efd)?;
-    with(|s| *s.ring.borrow_mut() = Some(ring));
+    // SAFETY: dup(2) of the eventfd just created; the copy is owned.
+    let dup = unsafe { libc::fcntl(efd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let remote = Arc::new(Remote {
+        keys: Mutex::new(Vec::new()),
+        pending: AtomicBool::new(false),
+        efd: unsafe { OwnedFd::from_raw_fd(dup) },
+    });
+    let id = {
+        let mut all = REMOTES
+            .write()
+            .map_err(|_| io::Error::other("scheduler registry poisoned"))?;
+        if all.len() >= MAX_SCHEDS {
+            return Err(io::Error::other("too many schedulers in one process"));
+        }
+        all.push(remote.clone());
+        all.len() - 1
+    };
+    with(|s| {
+        *s.ring.borrow_mut() = Some(ring);
+        s.id.set(id);
+        *s.remote.borrow_mut() = Some(remote);
+    });
     Ok(efd)
 }
 
 static VTABLE: RawWakerVTable = RawWakerVTable::new(clone_raw, wake_raw, wake_raw, drop_raw);
 
-fn raw(key: TaskKey) -> RawWaker {
-    RawWaker::new(key.pack() as usize as *const (), &VTABLE)
+fn raw(id: usize, key: TaskKey) -> RawWaker {
+    let data = ((id as u64) << 52) | key.pack();
+    RawWaker::new(data as usize as *const (), &VTABLE)
 }
 unsafe fn clone_raw(p: *const ()) -> RawWaker {
     RawWaker::new(p, &VTABLE)
 }
 unsafe fn wake_raw(p: *const ()) {
-    let key = TaskKey::unpack(p as usize as u64);
-    // A waker used on another thread (never done) finds no such task there.
-    let _ = SCHED.try_with(|s| s.wake(key));
+    let data = p as usize as u64;
+    let key = TaskKey::unpack(data & ((1 << 52) - 1));
+    let id = ((data >> 52) as usize) & (MAX_SCHEDS - 1);
+    let here = SCHED.try_with(|s| {
+        let mine = s.id.get() == id;
+        if mine {
+            s.wake(key);
+        }
+        mine
+    });
+    if !matches!(here, Ok(true)) {
+        wake_remote(id, key);
+    }
 }
 unsafe fn drop_raw(_: *const ()) {}
 
-fn waker_for(key: TaskKey) -> Waker {
+fn waker_for(id: usize, key: TaskKey) -> Waker {
     // SAFETY: the vtable functions only decode the key from the pointer
-    // value; nothing is dereferenced.
-    unsafe { Waker::from_raw(raw(key)) }
+    // value; nothing is dereferenced. Waking is valid from any thread.
+    unsafe { Waker::from_raw(raw(id, key)) }
 }
 
 impl Sched {
@@ -173,8 +255,7 @@ impl Sched {
         T: Future<Output = ()> + 'static,
     {
         let gen = self.next_gen.get();
-        self.next_gen
-            .set((gen.wrapping_add(1) & 0x3fff_ffff).max(1));
+        self.next_gen.set((gen.wrapping_add(1) & GEN_MASK).max(1));
         let slot = {
             let mut slots = self.slots.borrow_mut();
             slots.insert(Slot {
@@ -366,6 +447,7 @@ impl Sched {
     /// Returns true if tasks are still waiting to run.
     fn run_once(&self, cx: &mut Context<'_>) -> bool {
         self.waker.set(Some(cx.waker().clone()));
+        self.take_remote();
         self.reap();
         // The batch buffer is reused from pass to pass.
         let mut batch = self.batch.take();
@@ -386,7 +468,7 @@ impl Sched {
                 }
             };
             let Some(mut task) = task else { continue };
-            let w = waker_for(key);
+            let w = waker_for(self.id.get(), key);
             let mut tcx = Context::from_waker(&w);
             match task.as_mut().poll(&mut tcx) {
                 Poll::Ready(()) => {
@@ -426,6 +508,24 @@ impl Sched {
     }
 }
 
+impl Sched {
+    /// Wakes the tasks that other threads woke.
+    fn take_remote(&self) {
+        let remote = self.remote.borrow();
+        let Some(r) = remote.as_ref() else { return };
+        if !r.pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let keys = match r.keys.lock() {
+            Ok(mut k) => std::mem::take(&mut *k),
+            Err(_) => return,
+        };
+        for key in keys {
+            self.wake(key);
+        }
+    }
+}
+
 fn poll_read(fd: RawFd, key: TaskKey) -> squeue::Entry {
     opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
         .multi(true)
@@ -453,4 +553,51 @@ pub fn notify() {
             w.wake();
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    /// A waker sent to another thread and woken there gets its task
+    /// polled again, on the scheduler's own thread.
+    #[test]
+    fn a_waker_woken_on_another_thread_polls_the_task() {
+        let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async {
+                let efd = init().expect("connection ring");
+                glommio::spawn_local(super::super::watch_ring(efd)).detach();
+                glommio::spawn_local(run()).detach();
+                let polls = Rc::new(Cell::new(0u32));
+                let (tx, rx) = std::sync::mpsc::channel::<Waker>();
+                let p = polls.clone();
+                with(|s| {
+                    s.spawn(None, move |_| {
+                        poll_fn(move |cx| {
+                            p.set(p.get() + 1);
+                            if p.get() == 1 {
+                                let _ = tx.send(cx.waker().clone());
+                                return Poll::Pending;
+                            }
+                            Poll::Ready(())
+                        })
+                    })
+                });
+                let waker_thread = std::thread::spawn(move || {
+                    let w = rx.recv_timeout(Duration::from_secs(5)).expect("waker sent");
+                    std::thread::sleep(Duration::from_millis(50));
+                    w.wake();
+                });
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while polls.get() < 2 && std::time::Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                waker_thread.join().expect("waker thread");
+                polls.get()
+            })
+            .expect("executor");
+        assert_eq!(h.join().expect("join"), 2, "the task was polled again");
+    }
 }
