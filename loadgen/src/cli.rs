@@ -91,13 +91,33 @@ pub struct Common {
     /// Broker host (an IPv4 address or a name).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    #[arg(long, default_value_t = 1883)]
-    pub port: u16,
+    /// Broker port (default: 1883, with --tls 8883).
+    #[arg(long)]
+    pub port: Option<u16>,
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
     /// HTTP path of the WebSocket endpoint (with --transport ws).
     #[arg(long, default_value = "/mqtt")]
     pub ws_path: String,
+    /// TLS over the transport: tcp -> MQTT over TLS (mqtts), ws -> wss.
+    /// Needs --cafile or --insecure (the system's roots are not used).
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM file with the CA certificate(s) that verify the broker's
+    /// certificate (with --tls).
+    #[arg(long, value_name = "FILE", requires = "tls", conflicts_with = "insecure")]
+    pub cafile: Option<std::path::PathBuf>,
+    /// Do not verify the broker's certificate (with --tls; for benchmarks).
+    #[arg(long, requires = "tls")]
+    pub insecure: bool,
+    /// Name sent as SNI and verified against the broker's certificate
+    /// (default: --host, or "localhost" when --host is an IP address).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub server_name: Option<String>,
+    /// Resume TLS sessions when a ticket is at hand (default: off, every
+    /// connection makes a full handshake).
+    #[arg(long, requires = "tls")]
+    pub tls_resume: bool,
     #[arg(long, value_enum, default_value_t = ProtocolArg::V311)]
     pub protocol: ProtocolArg,
     /// QoS of publishes and subscriptions.
@@ -133,7 +153,8 @@ pub struct Common {
     /// Connection attempts in progress at once, per thread.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: u32,
-    /// Seconds allowed for TCP connect + WebSocket upgrade + CONNACK + SUBACK.
+    /// Seconds allowed for TCP connect + TLS handshake + WebSocket upgrade +
+    /// CONNACK + SUBACK.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
     /// Seconds a publisher waits for an acknowledgement before it reports
@@ -185,6 +206,8 @@ pub struct Settings {
     pub addr: std::net::SocketAddr,
     pub transport: Transport,
     pub ws_path: String,
+    /// `--tls`: TLS under the transport.
+    pub tls: Option<TlsSettings>,
     pub v5: bool,
     pub qos: u8,
     pub payload: usize,
@@ -208,6 +231,18 @@ pub struct Settings {
     pub run_id: u32,
     /// Set per worker.
     pub proc_index: usize,
+}
+
+/// TLS options, checked by the coordinator (the CA file is read there and
+/// its text passed on, so every worker uses the same certificates).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsSettings {
+    /// The PEM text of `--cafile`; `None` with `--insecure`.
+    pub ca_pem: Option<String>,
+    pub insecure: bool,
+    /// SNI and the name verified in the broker's certificate.
+    pub server_name: String,
+    pub resume: bool,
 }
 
 /// Parses `A-B` (IPv4 range, inclusive) or `A,B,C`.
@@ -264,6 +299,29 @@ mod tests {
         .unwrap();
         assert!(matches!(c.cmd, Cmd::Fanout { .. }));
         assert!(Cli::try_parse_from(["loadgen", "pairs", "--qos", "3"]).is_err());
+    }
+
+    #[test]
+    fn tls_flags() {
+        let common = |args: &[&str]| {
+            let mut v = vec!["loadgen", "conn"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).map(|c| match c.cmd {
+                Cmd::Conn { common, .. } => common,
+                _ => unreachable!(),
+            })
+        };
+        let c = common(&["--tls", "--cafile", "ca.pem", "--server-name", "broker"]).unwrap();
+        assert!(c.tls && !c.insecure && !c.tls_resume);
+        assert_eq!(c.cafile.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(c.server_name.as_deref(), Some("broker"));
+        assert!(common(&["--tls", "--insecure", "--tls-resume"]).unwrap().insecure);
+        // TLS options need --tls; --cafile and --insecure exclude each other.
+        assert!(common(&["--cafile", "ca.pem"]).is_err());
+        assert!(common(&["--insecure"]).is_err());
+        assert!(common(&["--tls-resume"]).is_err());
+        assert!(common(&["--tls", "--insecure", "--cafile", "ca.pem"]).is_err());
+        assert_eq!(common(&[]).unwrap().port, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! 4. stop: workers disconnect and send their results (20 s at most, then
 //!    they are killed).
 
-use crate::cli::{Common, ProtocolArg, Settings, Transport};
+use crate::cli::{Common, ProtocolArg, Settings, TlsSettings, Transport};
 use crate::plan::Scenario;
 use crate::procfs::{self, ProcSample};
 use crate::report::{BrokerSample, Report, RunSettings};
@@ -80,7 +80,13 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
     if c.qos > 0 && c.inflight == 0 {
         return Err("--inflight must be at least 1".into());
     }
-    let addr = (c.host.as_str(), c.port)
+    let port = c.port.unwrap_or(if c.tls { 8883 } else { 1883 });
+    let tls = tls_settings(c)?;
+    if let Some(t) = &tls {
+        // Fail here, as a usage error, rather than in every connection.
+        crate::tls::TlsClient::new(t)?;
+    }
+    let addr = (c.host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve --host {}: {e}", c.host))?
         .find(|a| a.is_ipv4())
@@ -103,10 +109,11 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
     Ok(Settings {
         scenario,
         host: c.host.clone(),
-        port: c.port,
+        port,
         addr,
         transport: c.transport,
         ws_path: c.ws_path.clone(),
+        tls,
         v5: c.protocol == ProtocolArg::V5,
         qos: c.qos,
         payload: c.payload,
@@ -129,6 +136,34 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
         run_id,
         proc_index: 0,
     })
+}
+
+/// `--tls` and its options; reads `--cafile`.
+fn tls_settings(c: &Common) -> Result<Option<TlsSettings>, String> {
+    if !c.tls {
+        return Ok(None);
+    }
+    let ca_pem = match (&c.cafile, c.insecure) {
+        (Some(path), _) => Some(std::fs::read_to_string(path).map_err(|e| {
+            format!("--cafile {}: cannot read: {e}", path.display())
+        })?),
+        (None, true) => None,
+        (None, false) => {
+            return Err("--tls needs --cafile FILE (the PEM CA that signed the broker's \
+                        certificate) or --insecure (no verification): the system's root \
+                        certificates are not used"
+                .into())
+        }
+    };
+    Ok(Some(TlsSettings {
+        ca_pem,
+        insecure: c.insecure,
+        server_name: c
+            .server_name
+            .clone()
+            .unwrap_or_else(|| crate::tls::default_server_name(&c.host)),
+        resume: c.tls_resume,
+    }))
 }
 
 fn spawn(settings: &Settings, i: usize, tx: &mpsc::Sender<Msg>) -> Result<Worker, String> {
@@ -684,9 +719,11 @@ fn build_report(
         settings: RunSettings {
             host: settings.host.clone(),
             port: settings.port,
-            transport: match settings.transport {
-                Transport::Tcp => "tcp".into(),
-                Transport::Ws => format!("ws {}", settings.ws_path),
+            transport: match (settings.transport, settings.tls.is_some()) {
+                (Transport::Tcp, false) => "tcp".into(),
+                (Transport::Ws, false) => format!("ws {}", settings.ws_path),
+                (Transport::Tcp, true) => "tcp+tls".into(),
+                (Transport::Ws, true) => format!("ws+tls {}", settings.ws_path),
             },
             protocol: if settings.v5 { "5" } else { "3.1.1" }.into(),
             qos,
