@@ -36,6 +36,29 @@ def wait_port(port, timeout=10):
     return False
 
 
+CERTS = None  # (dir with ca.pem, server.pem, server.key), made once per run
+
+
+def certs():
+    """A test CA and an ECDSA P-256 server certificate for localhost/127.0.0.1."""
+    global CERTS
+    if CERTS:
+        return CERTS
+    d = tempfile.mkdtemp(prefix="compare-certs-")
+    def run(*a):
+        subprocess.run(["openssl", *a], cwd=d, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=compare CA")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    with open(os.path.join(d, "ext.cnf"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    CERTS = d
+    return d
+
+
 def sh(cmd, **kw):
     print("+", " ".join(cmd), file=sys.stderr)
     return subprocess.run(cmd, **kw)
@@ -63,18 +86,28 @@ class Broker:
         self.name, self.args = name, args
         self.dir = tempfile.mkdtemp(prefix=f"compare-{name}-")
         self.port, self.ws_port = free_port(), free_port()
+        self.tls_port, self.wss_port = free_port(), free_port()
         self.proc = None
 
     def start(self):
         log = open(os.path.join(self.dir, "log"), "w")
+        c = certs()
+        pem, key = os.path.join(c, "server.pem"), os.path.join(c, "server.key")
         if self.name == "tarta":
             cmd = [self.args.tarta, "--tcp", f"127.0.0.1:{self.port}", "--ws", f"127.0.0.1:{self.ws_port}",
+                   "--mqtts", f"127.0.0.1:{self.tls_port}", "--wss", f"127.0.0.1:{self.wss_port}",
+                   "--cert", pem, "--key", key,
                    "--shards", "2", "--no-pin", "--log", "warn", "--sys-interval", "0"]
         elif self.name == "mosquitto":
             conf = os.path.join(self.dir, "mosquitto.conf")
             with open(conf, "w") as f:
-                f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\n"
-                        f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n")
+                # user root: as root, Mosquitto would switch to its own user, which
+                # cannot read the key in our private temporary directory.
+                f.write(f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 10000\n"
+                        f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n"
+                        f"listener {self.tls_port} 127.0.0.1\ncertfile {pem}\nkeyfile {key}\n"
+                        f"listener {self.wss_port} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n"
+                        f"certfile {pem}\nkeyfile {key}\n")
             cmd = [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", conf]
         else:
             conf = os.path.join(self.dir, "rumqttd.toml")
@@ -116,9 +149,13 @@ next_connection_delay_ms = 0
 
 def loadgen(args, broker, scenario, extra, transport="tcp"):
     out = os.path.join(broker.dir, f"{scenario}-{time.time_ns()}.json")
-    port = broker.ws_port if transport == "ws" else broker.port
-    cmd = [args.loadgen, scenario, "--port", str(port), "--transport", transport,
-           "--broker-pid", str(broker.proc.pid), "--json", out, "--quiet"] + extra
+    port = {"tcp": broker.port, "ws": broker.ws_port, "tls": broker.tls_port, "wss": broker.wss_port}[transport]
+    tls = []
+    if transport in ("tls", "wss"):
+        tls = ["--tls", "--cafile", os.path.join(certs(), "ca.pem")]
+    lg_transport = {"tls": "tcp", "wss": "ws"}.get(transport, transport)
+    cmd = [args.loadgen, scenario, "--port", str(port), "--transport", lg_transport,
+           "--broker-pid", str(broker.proc.pid), "--json", out, "--quiet"] + tls + extra
     r = sh(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     try:
         with open(out) as f:
@@ -162,6 +199,20 @@ def scenarios(quick):
         procs = "2" if int(n) > 15000 else "1"
         s.append((f"RSS per idle connection ({n})", "conn", ["-n", n, "--procs", procs, "--duration", "2", "--connect-rate", "5000"],
                   ["broker_rss_per_connection_b"], None, True, "tcp"))
+    # TLS (Tarta and Mosquitto: rumqttd is not configured for TLS here).
+    tm = ["tarta", "mosquitto"]
+    s += [
+        ("QoS 0 pairs over mqtts (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "0"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], tm, False, "tls"),
+        ("QoS 0 pairs over wss (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "0"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], tm, False, "wss"),
+        ("QoS 1 pairs over mqtts (10, max rate, 64 B)", "pairs", base + ["-n", "10", "--rate", "0", "--qos", "1"],
+         ["delivered_per_s", "msgs_per_broker_cpu_s"], tm, False, "tls"),
+        ("RSS per idle TLS connection (10000)", "conn", ["-n", "10000", "--duration", "2", "--connect-rate", "2000"],
+         ["broker_rss_per_connection_b"], tm, True, "tls"),
+        ("TLS handshakes (connect storm, 5000, ECDSA P-256)", "conn", ["-n", "5000", "--duration", "1", "--connect-rate", "0"],
+         ["connect_rate_per_s", "connections_per_broker_cpu_s"], tm, True, "tls"),
+    ]
     return s
 
 

@@ -105,7 +105,12 @@ pub struct Common {
     pub tls: bool,
     /// PEM file with the CA certificate(s) that verify the broker's
     /// certificate (with --tls).
-    #[arg(long, value_name = "FILE", requires = "tls", conflicts_with = "insecure")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls",
+        conflicts_with = "insecure"
+    )]
     pub cafile: Option<std::path::PathBuf>,
     /// Do not verify the broker's certificate (with --tls; for benchmarks).
     #[arg(long, requires = "tls")]
@@ -315,7 +320,11 @@ mod tests {
         assert!(c.tls && !c.insecure && !c.tls_resume);
         assert_eq!(c.cafile.as_deref(), Some(std::path::Path::new("ca.pem")));
         assert_eq!(c.server_name.as_deref(), Some("broker"));
-        assert!(common(&["--tls", "--insecure", "--tls-resume"]).unwrap().insecure);
+        assert!(
+            common(&["--tls", "--insecure", "--tls-resume"])
+                .unwrap()
+                .insecure
+        );
         // TLS options need --tls; --cafile and --insecure exclude each other.
         assert!(common(&["--cafile", "ca.pem"]).is_err());
         assert!(common(&["--insecure"]).is_err());

@@ -1,6 +1,7 @@
-//! One client connection: a single task that connects (TCP, optional
-//! WebSocket upgrade), sends CONNECT and SUBSCRIBE, then publishes on its
-//! schedule and/or counts deliveries, and finally disconnects.
+//! One client connection: a single task that connects (TCP, optional TLS
+//! handshake, optional WebSocket upgrade), sends CONNECT and SUBSCRIBE,
+//! then publishes on its schedule and/or counts deliveries, and finally
+//! disconnects.
 //!
 //! Memory per connection (the `conn` scenario holds many idle ones): the
 //! task owns the glommio stream, an incomplete packet if any (`partial`,
@@ -8,13 +9,19 @@
 //! written, and a few integers. No read buffer while idle: reads borrow the
 //! executor's buffer only during `poll_read`. No timer: the executor's tick
 //! wakes the task at its next deadline. Publisher and subscriber state is
-//! boxed and exists only for those roles.
+//! boxed and exists only for those roles, and so is the TLS state (`tls`)
+//! for TLS clients.
+//!
+//! Layers: MQTT bytes -> (`ws`: WebSocket frames) -> `out` -> (`tls`:
+//! records in `TlsState::cipher`) -> socket; reads go the other way, TLS
+//! plaintext through the executor's `pbuf`.
 
 use crate::cli::Transport;
 use crate::payload::{Header, HEADER_LEN};
 use crate::plan::{self, Role, Scenario};
 use crate::runtime::{now_ns, Exec, CLOSE, READ_CHUNK, RUN};
 use crate::stats::Tracker;
+use crate::tls::TlsState;
 use crate::ws;
 use bytes::{Buf, BytesMut};
 use futures_lite::io::{AsyncRead, AsyncWrite};
@@ -42,7 +49,7 @@ const CLOSE_MS: u64 = 2000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum St {
-    /// TCP connecting / waiting for the WebSocket 101.
+    /// TCP connecting / TLS handshake / waiting for the WebSocket 101.
     Connecting,
     ConnAck,
     SubAck,
@@ -109,6 +116,7 @@ pub struct Client {
     partial: BytesMut,
     out: BytesMut,
     ws: Option<Box<WsState>>,
+    tls: Option<Box<TlsState>>,
     k: u64,
     role: Role,
     st: St,
@@ -118,7 +126,8 @@ pub struct Client {
     started_ns: u64,
     deadline_ms: u64,
     registered_ms: u64,
-    keepalive_ms: u64,
+    /// At most 65,535,000 (u32 keeps `Client` as small as before TLS).
+    keepalive_ms: u32,
     last_tx_ms: u64,
     ping_sent_ms: u64,
     window: u64,
@@ -169,6 +178,27 @@ fn connect_socket(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<socket
     Ok(s)
 }
 
+/// Writes as much of `buf` as the socket takes; whether anything went.
+fn write_out(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Result<bool, String> {
+    let mut wrote = false;
+    while !buf.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err("write returned 0 (broker gone)".into()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                wrote = true;
+            }
+            Poll::Ready(Err(e)) => return Err(io_reason(&e)),
+            Poll::Pending => break,
+        }
+    }
+    Ok(wrote)
+}
+
 impl Client {
     fn start(ex: &Exec, k: u64) -> Result<Client, String> {
         let s = &ex.settings;
@@ -186,6 +216,10 @@ impl Client {
                 s.source_ips[(k % s.source_ips.len() as u64) as usize],
             ))
         };
+        let tls = match &ex.shared.tls {
+            Some(c) => Some(Box::new(TlsState::new(c)?)),
+            None => None,
+        };
         let sock = connect_socket(s.addr, source).map_err(|e| io_reason(&e))?;
         // SAFETY: a connecting TCP socket we own; glommio owns it from here.
         let stream = unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) };
@@ -197,6 +231,7 @@ impl Client {
             partial: BytesMut::new(),
             out: BytesMut::new(),
             ws: None,
+            tls,
             k,
             role,
             st: St::Connecting,
@@ -206,7 +241,7 @@ impl Client {
             started_ns,
             deadline_ms: now_ms + (s.connect_timeout_s * 1000.0) as u64,
             registered_ms: 0,
-            keepalive_ms: u64::from(s.keepalive) * 1000,
+            keepalive_ms: u32::from(s.keepalive) * 1000,
             last_tx_ms: now_ms,
             ping_sent_ms: 0,
             window: u64::from(s.inflight.max(1)),
@@ -305,6 +340,7 @@ impl Client {
             }
             Ok(false) => Poll::Pending,
             Err(why) => {
+                self.last_words(cx);
                 self.finish(ex, Some(why));
                 Poll::Ready(())
             }
@@ -341,6 +377,9 @@ impl Client {
                     }
                     Poll::Ready(Ok(d)) if d.is_empty() => {
                         return Err(match self.st {
+                            _ if self.tls_handshaking() => {
+                                "closed by broker during TLS handshake".into()
+                            }
                             St::Connecting if self.ws.is_some() => {
                                 "closed by broker during WebSocket upgrade".into()
                             }
@@ -352,7 +391,7 @@ impl Client {
                         });
                     }
                     Poll::Ready(Ok(d)) => self.on_bytes(ex, d, now)?,
-                    Poll::Ready(Err(e)) => return Err(io_reason(&e)),
+                    Poll::Ready(Err(why)) => return Err(why),
                 }
             }
         }
@@ -361,6 +400,9 @@ impl Client {
             return match self.st {
                 St::Closing => Ok(true),
                 St::Connecting if !self.tcp_up => Err("TCP connect timeout".into()),
+                St::Connecting | St::ConnAck if self.tcp_up && self.tls_handshaking() => {
+                    Err("no TLS handshake (timeout)".into())
+                }
                 St::Connecting => Err("no WebSocket upgrade response (timeout)".into()),
                 St::ConnAck => Err(if self.tcp_up {
                     "no CONNACK (timeout)".into()
@@ -372,12 +414,13 @@ impl Client {
             };
         }
         if self.st == St::Ready {
-            if self.keepalive_ms > 0 {
+            let keepalive_ms = u64::from(self.keepalive_ms);
+            if keepalive_ms > 0 {
                 if self.ping_sent_ms > 0 {
-                    if now_ms > self.ping_sent_ms + self.keepalive_ms.max(5000) {
+                    if now_ms > self.ping_sent_ms + keepalive_ms.max(5000) {
                         return Err("no PINGRESP (broker stopped responding)".into());
                     }
-                } else if now_ms >= self.last_tx_ms + self.keepalive_ms * 3 / 4 {
+                } else if now_ms >= self.last_tx_ms + keepalive_ms * 3 / 4 {
                     self.queue(&Packet::PingReq);
                     self.ping_sent_ms = now_ms;
                 }
@@ -387,7 +430,10 @@ impl Client {
             }
         }
         let wrote = self.flush(cx, now_ms)?;
-        if self.st == St::Closing && self.out.is_empty() {
+        if self.st == St::Closing
+            && self.out.is_empty()
+            && self.tls.as_ref().is_none_or(|t| t.idle())
+        {
             return Ok(true);
         }
         let more = self.publ.as_ref().is_some_and(|p| {
@@ -398,6 +444,10 @@ impl Client {
         }
         self.arm(cx, ex, now, now_ms);
         Ok(false)
+    }
+
+    fn tls_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 
     fn can_send(&self, p: &Publisher) -> bool {
@@ -414,11 +464,12 @@ impl Client {
         if self.st != St::Ready {
             d = d.min(self.deadline_ms);
         } else {
-            if self.keepalive_ms > 0 {
+            let keepalive_ms = u64::from(self.keepalive_ms);
+            if keepalive_ms > 0 {
                 d = d.min(if self.ping_sent_ms > 0 {
-                    self.ping_sent_ms + self.keepalive_ms.max(5000) + 1
+                    self.ping_sent_ms + keepalive_ms.max(5000) + 1
                 } else {
-                    self.last_tx_ms + self.keepalive_ms * 3 / 4
+                    self.last_tx_ms + keepalive_ms * 3 / 4
                 });
             }
             if let Some(p) = &self.publ {
@@ -442,16 +493,58 @@ impl Client {
         }
     }
 
-    /// Reads into the executor's buffer and splits off what was read.
-    fn read(&mut self, cx: &mut Context<'_>, ex: &Exec) -> Poll<io::Result<BytesMut>> {
+    /// Reads into the executor's buffer and splits off what was read (with
+    /// TLS: its plaintext). Empty: the broker closed the connection.
+    fn read(&mut self, cx: &mut Context<'_>, ex: &Exec) -> Poll<Result<BytesMut, String>> {
+        if self.tls.is_some() {
+            return self.read_tls(cx, ex);
+        }
         let mut rb = ex.rbuf.borrow_mut();
         if rb.len() < 4096 {
             *rb = BytesMut::zeroed(READ_CHUNK);
         }
         match Pin::new(&mut self.stream).poll_read(cx, &mut rb[..]) {
             Poll::Ready(Ok(n)) => Poll::Ready(Ok(rb.split_to(n))),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(io_reason(&e))),
             Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// TLS: reads records into the executor's buffer (reused at once: TLS
+    /// keeps what it needs) until they yield plaintext, which is split off
+    /// the executor's plaintext buffer.
+    fn read_tls(&mut self, cx: &mut Context<'_>, ex: &Exec) -> Poll<Result<BytesMut, String>> {
+        let Some(t) = &mut self.tls else {
+            return Poll::Ready(Err("no TLS state".into()));
+        };
+        loop {
+            if t.peer_closed {
+                return Poll::Ready(Ok(BytesMut::new()));
+            }
+            let mut rb = ex.rbuf.borrow_mut();
+            if rb.len() < 4096 {
+                *rb = BytesMut::zeroed(READ_CHUNK);
+            }
+            let n = match Pin::new(&mut self.stream).poll_read(cx, &mut rb[..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(BytesMut::new())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(io_reason(&e))),
+                Poll::Pending => return Poll::Pending,
+            };
+            let mut pb = ex.pbuf.borrow_mut();
+            if pb.capacity() < 4096 {
+                // Plaintext of one read fits: at most the read plus one
+                // partial record rustls kept from the previous read.
+                pb.reserve(READ_CHUNK * 2);
+            }
+            if let Err(why) = t.feed(&rb[..n], &mut pb) {
+                pb.clear();
+                return Poll::Ready(Err(why));
+            }
+            if !pb.is_empty() {
+                return Poll::Ready(Ok(pb.split()));
+            }
+            // Handshake records or a partial record: read on.
         }
     }
 
@@ -468,25 +561,59 @@ impl Client {
                 }
             }
         }
-        let mut wrote = false;
-        while !self.out.is_empty() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.out) {
-                Poll::Ready(Ok(0)) => return Err("write returned 0 (broker gone)".into()),
-                Poll::Ready(Ok(n)) => {
-                    self.out.advance(n);
-                    self.tcp_up = true;
-                    self.last_tx_ms = now_ms;
-                    wrote = true;
-                }
-                Poll::Ready(Err(e)) => return Err(io_reason(&e)),
-                Poll::Pending => break,
-            }
+        if self.tls.is_some() {
+            return self.flush_tls(cx, now_ms);
+        }
+        let wrote = write_out(&mut self.stream, cx, &mut self.out)?;
+        if wrote {
+            self.tcp_up = true;
+            self.last_tx_ms = now_ms;
         }
         if self.out.is_empty() && self.publ.is_none() && self.out.capacity() > 0 {
             // An idle connection keeps no buffer.
             self.out = BytesMut::new();
         }
         Ok(wrote)
+    }
+
+    /// TLS: `out` -> records -> socket, while the socket takes them.
+    fn flush_tls(&mut self, cx: &mut Context<'_>, now_ms: u64) -> Result<bool, String> {
+        let Some(t) = &mut self.tls else {
+            return Ok(false);
+        };
+        let closing = self.st == St::Closing;
+        let mut wrote = false;
+        loop {
+            t.encrypt(&mut self.out, OUT_HIGH, closing);
+            let before = t.cipher.len();
+            wrote |= write_out(&mut self.stream, cx, &mut t.cipher)?;
+            // Done when the socket is full or everything went.
+            if !t.cipher.is_empty() || self.out.is_empty() || t.cipher.len() == before {
+                break;
+            }
+        }
+        if wrote {
+            self.tcp_up = true;
+            self.last_tx_ms = now_ms;
+        }
+        if self.publ.is_none() {
+            // An idle connection keeps no buffer.
+            if t.cipher.is_empty() && t.cipher.capacity() > 0 {
+                t.cipher = BytesMut::new();
+            }
+            if self.out.is_empty() && self.out.capacity() > 0 {
+                self.out = BytesMut::new();
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// TLS: after a failure, hands the socket what is ready (an alert
+    /// telling the broker why), without waiting.
+    fn last_words(&mut self, cx: &mut Context<'_>) {
+        if let Some(t) = &mut self.tls {
+            let _ = write_out(&mut self.stream, cx, &mut t.cipher);
+        }
     }
 
     /// Handles bytes read from the socket (WebSocket frames or MQTT).
@@ -573,7 +700,7 @@ impl Client {
                                 self.window = self.window.min(u64::from(*m).max(1));
                             }
                             Property::ServerKeepAlive(k) => {
-                                self.keepalive_ms = u64::from(*k) * 1000;
+                                self.keepalive_ms = u32::from(*k) * 1000;
                             }
                             _ => {}
                         }
@@ -582,6 +709,10 @@ impl Client {
                 {
                     let mut l = ex.local.borrow_mut();
                     l.connected += 1;
+                    if let Some(t) = &self.tls {
+                        l.tls_handshakes += 1;
+                        l.tls_resumed += u64::from(t.resumed());
+                    }
                 }
                 match self.role {
                     Role::Sub { id } => {
@@ -890,5 +1021,13 @@ mod tests {
         let stream = std::mem::size_of::<TcpStream>();
         eprintln!("Client {client} B (of which TcpStream {stream} B)");
         assert!(client <= 512, "Client is {client} B");
+        // Adding TLS (one pointer) did not grow it: 120 B glommio stream
+        // + 168 B (as before TLS).
+        assert!(client <= stream + 168, "Client is {client} B");
+        // TLS state exists only for TLS clients, behind one pointer.
+        assert_eq!(std::mem::size_of::<Option<Box<TlsState>>>(), 8);
+        let tls = std::mem::size_of::<TlsState>();
+        eprintln!("TlsState {tls} B (boxed, TLS clients only; plus rustls's heap)");
+        assert!(tls <= 2048, "TlsState is {tls} B");
     }
 }

@@ -138,22 +138,21 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
     })
 }
 
+const NEED_CA: &str = "--tls needs --cafile FILE (the PEM CA that signed the broker's \
+    certificate) or --insecure (no verification): the system's root certificates are not used";
+
 /// `--tls` and its options; reads `--cafile`.
 fn tls_settings(c: &Common) -> Result<Option<TlsSettings>, String> {
     if !c.tls {
         return Ok(None);
     }
     let ca_pem = match (&c.cafile, c.insecure) {
-        (Some(path), _) => Some(std::fs::read_to_string(path).map_err(|e| {
-            format!("--cafile {}: cannot read: {e}", path.display())
-        })?),
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--cafile {}: cannot read: {e}", path.display()))?,
+        ),
         (None, true) => None,
-        (None, false) => {
-            return Err("--tls needs --cafile FILE (the PEM CA that signed the broker's \
-                        certificate) or --insecure (no verification): the system's root \
-                        certificates are not used"
-                .into())
-        }
+        (None, false) => return Err(NEED_CA.into()),
     };
     Ok(Some(TlsSettings {
         ca_pem,
@@ -589,6 +588,8 @@ fn build_report(
         }
         r.subs_ok += x.subs_ok;
         r.subs_refused += x.subs_refused;
+        r.tls_handshakes += x.tls_handshakes;
+        r.tls_resumed += x.tls_resumed;
         r.sent += x.sent;
         r.sent_window += x.sent_window;
         r.acked += x.acked;
@@ -747,6 +748,8 @@ fn build_report(
         failures_by_reason: r.failures,
         errors_by_reason: r.errors,
         subscriptions_refused: r.subs_refused,
+        tls_handshakes: settings.tls.as_ref().map(|_| r.tls_handshakes),
+        tls_resumed: settings.tls.as_ref().map(|_| r.tls_resumed),
         connect_rate_per_s: if connect_span_s > 0.0 {
             r.connected as f64 / connect_span_s
         } else {

@@ -1,7 +1,8 @@
 //! `loadgen`: Tarta's load generator. Drives any MQTT broker over TCP or
-//! WebSocket (MQTT 3.1.1 or 5) and measures it honestly: connection scale,
-//! throughput, latency (HDR histograms), loss/duplicates/reordering per
-//! stream, and the broker's CPU and memory from /proc.
+//! WebSocket, with or without TLS (MQTT 3.1.1 or 5), and measures it
+//! honestly: connection scale, throughput, latency (HDR histograms),
+//! loss/duplicates/reordering per stream, and the broker's CPU and memory
+//! from /proc.
 //!
 //! # Layout
 //! - `cli`: the command line and the [`cli::Settings`] every worker gets.
@@ -10,6 +11,8 @@
 //! - `stats`: delivery trackers and latency histograms. No I/O.
 //! - `payload`: the 24-byte measurement header in every payload. No I/O.
 //! - `ws`: WebSocket handshake and framing. No I/O.
+//! - `tls`: rustls client configuration and per-connection TLS state
+//!   (`--tls`). No I/O.
 //! - `runtime`: glommio executors, their timer wheel and statistics.
 //! - `conn`: one client connection (the only other module using glommio).
 //! - `worker`: a worker process (`loadgen __worker`), driven by lines on
@@ -27,6 +30,7 @@ mod procfs;
 mod report;
 mod runtime;
 mod stats;
+mod tls;
 mod worker;
 mod ws;
 

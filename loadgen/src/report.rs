@@ -46,6 +46,10 @@ pub struct Report {
     /// Established connections that failed later, by reason.
     pub errors_by_reason: BTreeMap<String, u64>,
     pub subscriptions_refused: u64,
+    /// `--tls`: completed handshakes (clients that got their CONNACK) and
+    /// how many of them resumed a session; `null` without TLS.
+    pub tls_handshakes: Option<u64>,
+    pub tls_resumed: Option<u64>,
     pub connect_rate_per_s: f64,
     pub connect_time_us: Percentiles,
     pub sent: u64,
@@ -147,6 +151,12 @@ impl Report {
                 us(self.connect_time_us.p99)
             ),
         );
+        if let (Some(h), Some(r)) = (self.tls_handshakes, self.tls_resumed) {
+            row(
+                "TLS handshakes",
+                format!("{} ({} resumed)", thousands(h), thousands(r)),
+            );
+        }
         for (k, v) in &self.failures_by_reason {
             row("  setup failure", format!("{}: {k}", thousands(*v)));
         }

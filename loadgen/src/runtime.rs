@@ -14,6 +14,7 @@
 use crate::cli::Settings;
 use crate::conn;
 use crate::stats::{DeliveryTotals, Latency, Tracker};
+use crate::tls::TlsClient;
 use bytes::{Bytes, BytesMut};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::cell::{Cell, RefCell};
@@ -75,10 +76,16 @@ pub struct Shared {
     /// (so the worker can measure its RSS before any connection exists).
     pub started: AtomicU64,
     pub connect_go: std::sync::atomic::AtomicBool,
+    /// `--tls`: the configuration every connection of the process shares.
+    pub tls: Option<TlsClient>,
 }
 
 impl Shared {
-    pub fn new(settings: Settings) -> Self {
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        let tls = match &settings.tls {
+            Some(t) => Some(TlsClient::new(t)?),
+            None => None,
+        };
         let threads = settings.threads;
         let zero_payload = Bytes::from(vec![0u8; settings.payload]);
         let group = match settings.scenario {
@@ -87,7 +94,7 @@ impl Shared {
             }
             _ => Vec::new(),
         };
-        Shared {
+        Ok(Shared {
             settings,
             phase: AtomicU8::new(SETUP),
             measure_start_ns: AtomicU64::new(u64::MAX),
@@ -98,7 +105,8 @@ impl Shared {
             zero_payload,
             started: AtomicU64::new(0),
             connect_go: std::sync::atomic::AtomicBool::new(false),
-        }
+            tls,
+        })
     }
 }
 
@@ -121,6 +129,10 @@ pub struct Local {
     pub publish_refused: u64,
     pub subs_ok: u64,
     pub subs_refused: u64,
+    /// TLS clients that got their CONNACK, and those of them whose
+    /// handshake resumed a session (`--tls-resume`).
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     pub latency: Latency,
     pub interval: Latency,
     /// TCP connect to CONNACK (or SUBACK), µs.
@@ -158,6 +170,8 @@ pub struct Exec {
     /// The shard-wide read buffer: reads land here and only an incomplete
     /// packet is copied to its connection.
     pub rbuf: RefCell<BytesMut>,
+    /// TLS clients: the plaintext of what was read (used like `rbuf`).
+    pub pbuf: RefCell<BytesMut>,
     /// Deadline (ms of CLOCK_MONOTONIC) -> connections to wake.
     wheel: RefCell<BTreeMap<u64, Vec<Waker>>>,
     phase: Cell<u8>,
@@ -178,6 +192,7 @@ impl Exec {
         Exec {
             thread,
             rbuf: RefCell::new(BytesMut::new()),
+            pbuf: RefCell::new(BytesMut::new()),
             wheel: RefCell::new(BTreeMap::new()),
             phase: Cell::new(SETUP),
             measure_start_ns: Cell::new(u64::MAX),

@@ -42,6 +42,8 @@ pub struct WorkerResult {
     pub errors: BTreeMap<String, u64>,
     pub subs_ok: u64,
     pub subs_refused: u64,
+    pub tls_handshakes: u64,
+    pub tls_resumed: u64,
     pub sent: u64,
     /// Publishes sent inside the measurement window.
     pub sent_window: u64,
@@ -120,7 +122,13 @@ pub fn main() -> i32 {
                 .len() as u64
         })
         .sum();
-    let shared = Arc::new(Shared::new(settings));
+    let shared = match Shared::new(settings) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("loadgen worker: {e}");
+            return 1;
+        }
+    };
     let handles = match runtime::start(&shared) {
         Ok(h) => h,
         Err(e) => {
@@ -239,6 +247,8 @@ fn merge(clients: u64, locals: Vec<Local>) -> WorkerResult {
         }
         r.subs_ok += l.subs_ok;
         r.subs_refused += l.subs_refused;
+        r.tls_handshakes += l.tls_handshakes;
+        r.tls_resumed += l.tls_resumed;
         r.sent += l.sent;
         r.sent_window += l.sent_window;
         r.acked += l.acked;

@@ -1,7 +1,7 @@
 // Shared helpers for the Node.js interop checks (ws_mqttjs.mjs,
-// ws_chromium.mjs, ws_nginx.mjs): argument parsing, Tarta's home-shard hash,
-// MQTT.js clients with bounded waits, and the `ok - NAME` / `not ok - NAME:
-// why` check runner.
+// ws_chromium.mjs, ws_nginx.mjs, tls_mqttjs.mjs, wss_chromium.mjs): argument
+// parsing, Tarta's home-shard hash, MQTT.js clients with bounded waits,
+// Chromium's flags, and the `ok - NAME` / `not ok - NAME: why` check runner.
 
 import mqtt from 'mqtt';
 
@@ -11,6 +11,19 @@ export const WAIT_MS = 1000 * Number(process.env.INTEROP_WAIT || 30);
 export const CHECK_BUDGET_MS = 1000 * Number(process.env.INTEROP_CHECK_BUDGET || 120);
 export const SHARDS = 2;
 export const HOST = '127.0.0.1';
+// Chromium's flags (ws_chromium.mjs, wss_chromium.mjs): no network but
+// loopback, no background noise.
+export const CHROMIUM_ARGS = [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--no-first-run',
+    '--disable-sync',
+    '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
+];
 
 export class CheckFailed extends Error {}
 

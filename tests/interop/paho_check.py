@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Interop checks for Tarta with the Eclipse Paho Python client (paho-mqtt 2.x).
 
-    python3 tests/interop/paho_check.py --port PORT [--ws-port WSPORT] [CHECK ...]
+    python3 tests/interop/paho_check.py --port PORT [--ws-port WSPORT]
+        [--mqtts-port MQTTSPORT --wss-port WSSPORT --cafile CA.pem] [CHECK ...]
     python3 tests/interop/paho_check.py --list
 
 Runs the named checks (all of them by default) against a Tarta broker on
 127.0.0.1:PORT started with --shards 2 and --sys-interval 1 (the `ws-...`
-checks also use its MQTT over WebSocket listener on WSPORT, path /mqtt), prints
+checks also use its MQTT over WebSocket listener on WSPORT, path /mqtt; the
+`tls-...` checks its --mqtts and --wss listeners, whose certificate CA.pem
+verifies, for 127.0.0.1), prints
 `ok - NAME` or `not ok - NAME: why` for each and exits 1 if any failed.
 Every wait is bounded; a whole check is also bounded by a watchdog alarm.
 """
@@ -42,6 +45,11 @@ VNAME = {V311: "v311", V5: "v5"}
 WS_PATH = "/mqtt"
 # Set from --ws-port: the broker's MQTT over WebSocket port.
 WS_PORT = None
+# Set from --mqtts-port, --wss-port, --cafile: MQTT over TLS, MQTT over
+# secure WebSocket, and the CA that verifies the broker's certificate.
+MQTTS_PORT = None
+WSS_PORT = None
+CAFILE = None
 
 
 class CheckFailed(Exception):
@@ -71,7 +79,9 @@ def rc_value(rc) -> int:
 class Conn:
     """A paho client on its own network thread with synchronous helpers."""
 
-    def __init__(self, port: int, client_id: str, protocol: int, clean: bool = True, transport: str = "tcp"):
+    def __init__(
+        self, port: int, client_id: str, protocol: int, clean: bool = True, transport: str = "tcp", tls: bool = False
+    ):
         self.port = port
         self.protocol = protocol
         self.clean = clean
@@ -88,6 +98,9 @@ class Conn:
         )
         if transport == "websockets":
             self.c.ws_set_options(path=WS_PATH)
+        if tls:
+            # Verifies the chain against CAFILE and the name (127.0.0.1).
+            self.c.tls_set(ca_certs=CAFILE)
         self.name = client_id or "<empty id>"
         self.cv = threading.Condition()
         self.connack = None  # (reason code, flags, properties)
@@ -195,8 +208,13 @@ class Clients:
         self.port = port
         self.all = []
 
-    def connect(self, client_id, protocol, clean=True, ws=False):
-        if ws:
+    def connect(self, client_id, protocol, clean=True, ws=False, tls=False):
+        if tls:
+            port = WSS_PORT if ws else MQTTS_PORT
+            if port is None or CAFILE is None:
+                raise CheckFailed("--mqtts-port, --wss-port and --cafile are required for the tls-... checks")
+            conn = Conn(port, client_id, protocol, clean, transport="websockets" if ws else "tcp", tls=True)
+        elif ws:
             if WS_PORT is None:
                 raise CheckFailed("--ws-port is required for the ws-... checks")
             conn = Conn(WS_PORT, client_id, protocol, clean, transport="websockets")
@@ -384,6 +402,34 @@ def ws_round_trip(port, protocol, ws_publishes, n=50):
         cl.close()
 
 
+def tls_round_trip(port, protocol, ws, n=50):
+    """paho over TLS (tls_set with the test CA), both clients on the same
+    transport (mqtts, or wss with path /mqtt), publisher homed on shard 0 and
+    subscriber on shard 1: n QoS 1 messages, exact payloads, order and QoS."""
+    v = VNAME[protocol]
+    tag = f"pt{v}{'w' if ws else 'm'}"
+    topic = f"paho/tls/{v}/{'wss' if ws else 'mqtts'}"
+    cl = Clients(port)
+    try:
+        sub = cl.connect(pick_id(f"{tag}s", 1), protocol, ws=ws, tls=True)
+        pub = cl.connect(pick_id(f"{tag}p", 0), protocol, ws=ws, tls=True)
+        sub.subscribe_ok([(topic, 1)])
+        payloads = [f"{tag}-{i}".encode() for i in range(n)]
+        pub.publish_all(topic, payloads, 1)
+        sub.wait_count(n, lambda t: t == topic)
+        time.sleep(0.3)  # duplicates, if any, would arrive now
+        want = [(topic, p, 1, False) for p in payloads]
+        got = sub.received()
+        if got != want:
+            bad = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise CheckFailed(
+                f"expected {n} messages, got {len(got)}; first difference at {bad}: "
+                f"expected {want[bad] if bad < len(want) else None}, got {got[bad] if bad < len(got) else None}"
+            )
+    finally:
+        cl.close()
+
+
 CHECKS = {}
 for _proto in (V311, V5):
     for _q in (0, 1, 2):
@@ -398,6 +444,8 @@ CHECKS["v5-assigned-client-id"] = assigned_id
 for _proto in (V311, V5):
     CHECKS[f"ws-{VNAME[_proto]}-ws-to-tcp-qos012"] = lambda port, p=_proto: ws_round_trip(port, p, True)
     CHECKS[f"ws-{VNAME[_proto]}-tcp-to-ws-qos012"] = lambda port, p=_proto: ws_round_trip(port, p, False)
+CHECKS["tls-v311-mqtts-qos1-cross-shard"] = lambda port: tls_round_trip(port, V311, ws=False)
+CHECKS["tls-v5-wss-qos1-cross-shard"] = lambda port: tls_round_trip(port, V5, ws=True)
 
 
 def _alarm(signum, frame):
@@ -408,6 +456,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, help="Tarta's MQTT/TCP port on 127.0.0.1")
     ap.add_argument("--ws-port", type=int, help="Tarta's MQTT over WebSocket port on 127.0.0.1 (ws-... checks)")
+    ap.add_argument("--mqtts-port", type=int, help="Tarta's MQTT over TLS port on 127.0.0.1 (tls-... checks)")
+    ap.add_argument("--wss-port", type=int, help="Tarta's MQTT over secure WebSocket port on 127.0.0.1 (tls-... checks)")
+    ap.add_argument("--cafile", help="PEM CA certificate that verifies the broker's TLS certificate (tls-... checks)")
     ap.add_argument("--list", action="store_true", help="list the checks and exit")
     ap.add_argument("checks", nargs="*", help="checks to run (default: all)")
     args = ap.parse_args()
@@ -419,8 +470,9 @@ def main() -> int:
     unknown = [c for c in args.checks if c not in CHECKS]
     if unknown:
         ap.error(f"unknown checks {unknown}; see --list")
-    global WS_PORT
+    global WS_PORT, MQTTS_PORT, WSS_PORT, CAFILE
     WS_PORT = args.ws_port
+    MQTTS_PORT, WSS_PORT, CAFILE = args.mqtts_port, args.wss_port, args.cafile
     signal.signal(signal.SIGALRM, _alarm)
     failed = 0
     for name in args.checks or list(CHECKS):

@@ -21,7 +21,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { Clients, WAIT_MS, expectMessages, fail, main, pickId, requirePort, sleep, withTimeout } from './lib.mjs';
+import { CHROMIUM_ARGS, Clients, WAIT_MS, expectMessages, fail, main, pickId, requirePort, sleep, withTimeout } from './lib.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -30,18 +30,6 @@ const BENCH_WINDOW_MS = 1000 * Number(process.env.BENCH_WINDOW_S || 2);
 const BENCH_PAYLOAD = Number(process.env.BENCH_PAYLOAD || 64);
 const BENCH_RUNS = Number(process.env.BENCH_RUNS || 3);
 const MQTTJS_VERSION = JSON.parse(readFileSync(path.join(HERE, 'node_modules/mqtt/package.json'), 'utf8')).version;
-// The flags the brief asks for: no network but loopback, no background noise.
-const CHROMIUM_ARGS = [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--no-first-run',
-    '--disable-sync',
-    '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost',
-];
 
 let TCP_PORT;
 let WS_URL;

@@ -74,3 +74,16 @@ impl Layers {
         self.wire.len() + self.ws.as_ref().map_or(0, |w| w.out.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// A WebSocket or TLS connection pays for its `Layers` box; a TLS one
+    /// also for `Tls` (rustls's state, most of it) and rustls's own heap
+    /// (keys, handshake leftovers): docs/BENCHMARKS.md measures the total.
+    #[test]
+    fn layer_state_stays_in_its_size_classes() {
+        use std::mem::size_of;
+        assert!(size_of::<super::Layers>() <= 160, "{}", size_of::<super::Layers>());
+        assert!(size_of::<super::tls::Tls>() <= 1152, "{}", size_of::<super::tls::Tls>());
+    }
+}
