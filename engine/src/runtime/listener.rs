@@ -25,6 +25,8 @@ use tracing::warn;
 /// A listener as every shard sees it (shared by all shards).
 pub struct Endpoint {
     pub cfg: Listener,
+    /// The address bound (port 0 resolved).
+    pub addr: SocketAddr,
     /// The TLS configuration new connections get (replaced on SIGHUP;
     /// connections keep the one they started with).
     pub tls: Option<ArcSwap<ServerConfig>>,
@@ -47,6 +49,7 @@ impl Endpoint {
             None => (None, None),
         };
         Ok(Endpoint {
+            addr: cfg.bind,
             cfg,
             tls,
             ticketer,
@@ -61,7 +64,7 @@ impl Endpoint {
             return Ok(false);
         };
         let sc = certs::server_config(&self.cfg, files, t.clone())
-            .map_err(|e| format!("listener {} ({}): {e}", self.cfg.bind, self.cfg.name()))?;
+            .map_err(|e| format!("listener {} ({}): {e}", self.addr, self.cfg.name()))?;
         cur.store(sc);
         Ok(true)
     }
@@ -248,7 +251,7 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
     if !ep.admit() {
         Metrics::inc(&m.refused_listener_full);
         if let Some(more) = ratelog::allow(ratelog::Kind::Refused) {
-            warn!(shard = rt.shard.id, listener = %ep.cfg.bind, %peer, suppressed = more, "refusing connection: listener at max_connections ({})", ep.cfg.max_connections);
+            warn!(shard = rt.shard.id, listener = %ep.addr, %peer, suppressed = more, "refusing connection: listener at max_connections ({})", ep.cfg.max_connections);
         }
         return;
     }
@@ -256,7 +259,7 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
         ep.closed();
         Metrics::inc(&m.proxy_untrusted);
         if let Some(more) = ratelog::allow(ratelog::Kind::Proxy) {
-            warn!(shard = rt.shard.id, listener = %ep.cfg.bind, %peer, suppressed = more, "refusing connection: PROXY protocol listener, and the peer is not in trusted_proxies");
+            warn!(shard = rt.shard.id, listener = %ep.addr, %peer, suppressed = more, "refusing connection: PROXY protocol listener, and the peer is not in trusted_proxies");
         }
         return;
     }

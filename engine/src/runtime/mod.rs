@@ -109,7 +109,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let n = cfg.shards;
     // Certificates are read here, before anything listens: a TLS listener
     // whose files are missing or invalid stops the start with their name.
-    let endpoints = cfg
+    let mut endpoints = cfg
         .listeners
         .iter()
         .map(|l| Endpoint::new(l.clone()))
@@ -130,6 +130,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 addr.port()
             );
         }
+    }
+    for (ep, addr) in endpoints.iter_mut().zip(&bound.addrs) {
+        ep.addr = *addr;
     }
     let endpoints = Arc::new(endpoints);
     let signals = block_signals();

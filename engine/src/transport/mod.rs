@@ -83,7 +83,15 @@ mod tests {
     #[test]
     fn layer_state_stays_in_its_size_classes() {
         use std::mem::size_of;
-        assert!(size_of::<super::Layers>() <= 160, "{}", size_of::<super::Layers>());
-        assert!(size_of::<super::tls::Tls>() <= 1152, "{}", size_of::<super::tls::Tls>());
+        assert!(
+            size_of::<super::Layers>() <= 160,
+            "{}",
+            size_of::<super::Layers>()
+        );
+        assert!(
+            size_of::<super::tls::Tls>() <= 1152,
+            "{}",
+            size_of::<super::tls::Tls>()
+        );
     }
 }

@@ -95,11 +95,16 @@ impl Tls {
         };
         let was_ready = self.ready;
         let r = self.pump(&mut buf, Some(plain), wire, None);
+        if let Err(e) = r {
+            // rustls queued a fatal alert (protocol_version, unknown_ca,
+            // certificate_required, ...): send it before closing.
+            self.alert(wire);
+            return Err(e);
+        }
         if !buf.is_empty() {
             // Keep only the incomplete record, not the shard's read chunk.
             self.inbuf = BytesMut::from(&buf[..]);
         }
-        r?;
         Ok(ReadOutcome {
             handshake_done: !was_ready && self.ready,
             peer_closed: self.peer_closed,
@@ -148,6 +153,32 @@ impl Tls {
         }
         let mut empty = BytesMut::new();
         let _ = self.pump(&mut empty, None, wire, Some(&[]));
+    }
+
+    /// After an error: queues the alert rustls has for the peer, if any.
+    fn alert(&mut self, wire: &mut OutQueue) {
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                    let mut out = vec![0u8; 512];
+                    let n = match e.encode(&mut out) {
+                        Ok(n) => n,
+                        Err(EncodeError::InsufficientSize(s)) if s.required_size <= 64 * 1024 => {
+                            out.resize(s.required_size, 0);
+                            match e.encode(&mut out) {
+                                Ok(n) => n,
+                                Err(_) => return,
+                            }
+                        }
+                        Err(_) => return,
+                    };
+                    wire.push_bytes(&out[..n]);
+                }
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
     }
 
     /// The subject common name of the client's certificate, if it sent one.
@@ -262,4 +293,156 @@ fn encrypt_into(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    fn configs(alpn: &[u8]) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let der = CertificateDer::from(cert.der().to_vec());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![alpn.to_vec()];
+        let mut server = server;
+        server.alpn_protocols = vec![b"mqtt".to_vec()];
+        (Arc::new(server), Arc::new(client))
+    }
+
+    fn drain(q: &mut OutQueue) -> Vec<u8> {
+        let mut v = Vec::new();
+        while !q.is_empty() {
+            let mut iov = [IoSlice::new(&[]); 64];
+            let n = q.iovecs(&mut iov);
+            let len: usize = iov[..n].iter().map(|s| s.len()).sum();
+            for s in &iov[..n] {
+                v.extend_from_slice(s);
+            }
+            q.advance(len);
+        }
+        v
+    }
+
+    /// Moves the client's output into the server; returns the plaintext
+    /// the server got.
+    fn to_server(
+        c: &mut rustls::ClientConnection,
+        s: &mut Tls,
+        wire: &mut OutQueue,
+    ) -> Result<Vec<u8>, rustls::Error> {
+        let mut bytes = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut bytes).unwrap();
+        }
+        let mut plain = BytesMut::new();
+        s.read(BytesMut::from(&bytes[..]), &mut plain, wire)?;
+        Ok(plain.to_vec())
+    }
+
+    fn to_client(c: &mut rustls::ClientConnection, wire: &mut OutQueue) -> Vec<u8> {
+        let bytes = drain(wire);
+        let mut rd = &bytes[..];
+        let mut out = Vec::new();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+            let _ = std::io::Read::read_to_end(&mut c.reader(), &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn handshake_data_both_ways_and_one_record_per_flush() {
+        let (sc, cc) = configs(b"mqtt");
+        let mut s = Tls::new(sc).unwrap();
+        let mut c =
+            rustls::ClientConnection::new(cc, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut wire = OutQueue::default();
+        std::io::Write::write_all(&mut c.writer(), b"CONNECT").unwrap();
+        for _ in 0..4 {
+            let got = to_server(&mut c, &mut s, &mut wire).unwrap();
+            to_client(&mut c, &mut wire);
+            if !got.is_empty() {
+                assert_eq!(got, b"CONNECT");
+                break;
+            }
+        }
+        assert!(s.is_ready() && !c.is_handshaking());
+        // Many small packets queued: one flush, one record.
+        let mut q = OutQueue::default();
+        for i in 0..100u8 {
+            q.push_bytes(&[0x30, 2, 0, i]);
+        }
+        assert_eq!(s.write(&mut q, &mut wire).unwrap(), 400);
+        let bytes = drain(&mut wire);
+        assert_eq!(bytes[0], 23, "application data record");
+        let len = usize::from(u16::from_be_bytes([bytes[3], bytes[4]]));
+        assert_eq!(bytes.len(), 5 + len, "a single record");
+        let mut rd = &bytes[..];
+        c.read_tls(&mut rd).unwrap();
+        c.process_new_packets().unwrap();
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c.reader(), &mut out);
+        assert_eq!(out.len(), 400);
+        assert_eq!(&out[396..], &[0x30, 2, 0, 99]);
+        // A large queue goes out in full records.
+        let mut q = OutQueue::default();
+        q.push_shared(bytes::Bytes::from(vec![7u8; 200_000]));
+        let mut sent = 0;
+        while !q.is_empty() {
+            sent += s.write(&mut q, &mut wire).unwrap();
+        }
+        assert_eq!(sent, 200_000);
+        assert_eq!(to_client(&mut c, &mut wire).len(), 200_000);
+        // close_notify reaches the client.
+        s.close(&mut wire);
+        to_client(&mut c, &mut wire);
+        assert!(s.close_queued());
+    }
+
+    #[test]
+    fn a_refused_handshake_sends_its_alert() {
+        let (sc, cc) = configs(b"not-mqtt");
+        let mut s = Tls::new(sc).unwrap();
+        let mut c =
+            rustls::ClientConnection::new(cc, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut wire = OutQueue::default();
+        assert!(to_server(&mut c, &mut s, &mut wire).is_err());
+        // The client learns why (under TLS 1.3 the alert is encrypted).
+        let bytes = drain(&mut wire);
+        let mut rd = &bytes[..];
+        let mut err = None;
+        while !rd.is_empty() && err.is_none() {
+            c.read_tls(&mut rd).unwrap();
+            err = c.process_new_packets().err();
+        }
+        assert_eq!(
+            err,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            ))
+        );
+    }
 }
