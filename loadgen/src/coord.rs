@@ -298,6 +298,7 @@ pub fn run(settings: Settings, common: &Common) -> i32 {
     let mut lg_cpu_end = 0.0;
     let mut next_sample = t0;
     let mut connect_setup_end = 0u64;
+    let mut broker_at_setup: Option<ProcSample> = None;
     let mut setup_timed_out = false;
 
     loop {
@@ -344,6 +345,7 @@ pub fn run(settings: Settings, common: &Common) -> i32 {
                         ));
                     }
                     connect_setup_end = now;
+                    broker_at_setup = broker_pid.and_then(procfs::sample);
                     if sum(&workers, |p| p.connected) == 0 && total > 0 {
                         problems.push(format!(
                             "no connection to {}:{} succeeded",
@@ -493,6 +495,7 @@ pub fn run(settings: Settings, common: &Common) -> i32 {
         BrokerFigures {
             pid: broker_pid,
             baseline: broker0,
+            at_setup: broker_at_setup,
             at_start: broker_at_start,
             at_end: broker_at_end,
             rss_max: broker_rss_max,
@@ -552,6 +555,8 @@ struct Timing {
 struct BrokerFigures {
     pid: Option<u32>,
     baseline: Option<ProcSample>,
+    /// At the end of setup (every client connected and subscribed).
+    at_setup: Option<ProcSample>,
     at_start: Option<ProcSample>,
     at_end: Option<ProcSample>,
     rss_max: u64,
@@ -643,6 +648,10 @@ fn build_report(
     let _ = tm.connect_setup_end;
     let _ = tm.t0;
     let broker_cpu = match (b.at_start, b.at_end) {
+        (Some(s), Some(e)) => Some(e.cpu_s - s.cpu_s),
+        _ => None,
+    };
+    let setup_cpu = match (b.baseline, b.at_setup) {
         (Some(s), Some(e)) => Some(e.cpu_s - s.cpu_s),
         _ => None,
     };
@@ -756,6 +765,9 @@ fn build_report(
             0.0
         },
         connect_time_us: conn.percentiles(),
+        broker_setup_cpu_s: setup_cpu,
+        connections_per_broker_cpu_s: setup_cpu
+            .and_then(|c| (c > 0.0).then(|| r.connected as f64 / c)),
         sent: r.sent,
         acked: r.acked,
         received: r.received,

@@ -52,6 +52,11 @@ pub struct Report {
     pub tls_resumed: Option<u64>,
     pub connect_rate_per_s: f64,
     pub connect_time_us: Percentiles,
+    /// Broker CPU seconds from loadgen's start to the end of setup (every
+    /// client connected, TLS handshakes included, and subscribed).
+    pub broker_setup_cpu_s: Option<f64>,
+    /// Connections set up per broker CPU-second during setup.
+    pub connections_per_broker_cpu_s: Option<f64>,
     pub sent: u64,
     pub acked: u64,
     pub received: u64,
@@ -151,6 +156,12 @@ impl Report {
                 us(self.connect_time_us.p99)
             ),
         );
+        if let (Some(c), Some(per)) = (self.broker_setup_cpu_s, self.connections_per_broker_cpu_s) {
+            row(
+                "broker CPU in setup",
+                format!("{c:.2} s, {per:.0} connections per CPU-s"),
+            );
+        }
         if let (Some(h), Some(r)) = (self.tls_handshakes, self.tls_resumed) {
             row(
                 "TLS handshakes",
