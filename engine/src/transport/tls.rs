@@ -56,7 +56,9 @@ pub struct Tls {
 /// What happened to the bytes handed to [`Tls::read`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReadOutcome {
-    /// The handshake completed during this read.
+    /// The handshake completed during this read (the client's Finished
+    /// arrived: its certificate, if any, is verified). The server may
+    /// write earlier (TLS 1.3 "0.5-RTT").
     pub handshake_done: bool,
     /// The peer closed the TLS session (close_notify).
     pub peer_closed: bool,
@@ -93,12 +95,17 @@ impl Tls {
             self.inbuf.extend_from_slice(&data);
             std::mem::take(&mut self.inbuf)
         };
-        let was_ready = self.ready;
-        let r = self.pump(&mut buf, Some(plain), wire, None);
+        let was_handshaking = self.conn.is_handshaking();
+        let r = guard(|| self.pump(&mut buf, Some(plain), wire, None));
         if let Err(e) = r {
             // rustls queued a fatal alert (protocol_version, unknown_ca,
-            // certificate_required, ...): send it before closing.
-            self.alert(wire);
+            // certificate_required, ...): send it before closing. rustls
+            // must see the same input buffer again (its handshake
+            // deframer remembers positions in it).
+            let _ = guard(|| {
+                self.alert(&mut buf, wire);
+                Ok(())
+            });
             return Err(e);
         }
         if !buf.is_empty() {
@@ -106,7 +113,7 @@ impl Tls {
             self.inbuf = BytesMut::from(&buf[..]);
         }
         Ok(ReadOutcome {
-            handshake_done: !was_ready && self.ready,
+            handshake_done: was_handshaking && !self.conn.is_handshaking(),
             peer_closed: self.peer_closed,
         })
     }
@@ -135,7 +142,7 @@ impl Tls {
                 }
             }
             let mut empty = BytesMut::new();
-            self.pump(&mut empty, None, wire, Some(&g))?;
+            guard(|| self.pump(&mut empty, None, wire, Some(&g)))?;
             src.advance(g.len());
             Ok(g.len())
         })
@@ -152,13 +159,13 @@ impl Tls {
             return;
         }
         let mut empty = BytesMut::new();
-        let _ = self.pump(&mut empty, None, wire, Some(&[]));
+        let _ = guard(|| self.pump(&mut empty, None, wire, Some(&[])));
     }
 
     /// After an error: queues the alert rustls has for the peer, if any.
-    fn alert(&mut self, wire: &mut OutQueue) {
+    fn alert(&mut self, buf: &mut BytesMut, wire: &mut OutQueue) {
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut buf[..]);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => {
                     let mut out = vec![0u8; 512];
@@ -201,7 +208,14 @@ impl Tls {
         loop {
             let UnbufferedStatus { mut discard, state } =
                 self.conn.process_tls_records(&mut buf[..]);
-            let stop = match state? {
+            let state = match state {
+                Ok(s) => s,
+                Err(e) => {
+                    buf.advance(discard);
+                    return Err(e);
+                }
+            };
+            let stop = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(rec) = r.next_record() {
                         let rec = rec?;
@@ -263,6 +277,13 @@ impl Tls {
     }
 }
 
+/// Runs a call into rustls so that a panic in it (a bug there, or a misuse
+/// here) closes this connection instead of taking the shard down.
+fn guard<T>(f: impl FnOnce() -> Result<T, rustls::Error>) -> Result<T, rustls::Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(rustls::Error::General("internal error in TLS".into())))
+}
+
 /// Runs `f` on a slice of the shard's output chunk of at least `need`
 /// bytes (more if `f` says so) and queues what it wrote, shared.
 fn encrypt_into(
@@ -302,6 +323,15 @@ mod tests {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
     fn configs(alpn: &[u8]) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_with(alpn, false)
+    }
+
+    /// With `client_auth`, the server requires a client certificate from
+    /// a CA the client has no certificate of.
+    fn configs_with(
+        alpn: &[u8],
+        client_auth: bool,
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
             .unwrap()
@@ -309,10 +339,25 @@ mod tests {
             .unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let der = CertificateDer::from(cert.der().to_vec());
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let builder = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(cert.der().to_vec()))
+                .unwrap();
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(v)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let server = builder
             .with_single_cert(
                 vec![der.clone()],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -420,6 +465,51 @@ mod tests {
         s.close(&mut wire);
         to_client(&mut c, &mut wire);
         assert!(s.close_queued());
+    }
+
+    /// The client's last flight (an empty Certificate, Finished) is
+    /// refused with an alert. (tests/e2e/tls.rs drives the same case over
+    /// a socket, where handing rustls an empty buffer for the alert made
+    /// its handshake deframer panic.)
+    #[test]
+    fn a_missing_client_certificate_is_refused_with_an_alert() {
+        let (sc, cc) = configs_with(b"mqtt", true);
+        let mut s = Tls::new(sc).unwrap();
+        let mut c =
+            rustls::ClientConnection::new(cc, ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut wire = OutQueue::default();
+        let mut failed = None;
+        for _ in 0..4 {
+            match to_server(&mut c, &mut s, &mut wire) {
+                Ok(_) => {
+                    let bytes = drain(&mut wire);
+                    let mut rd = &bytes[..];
+                    while !rd.is_empty() {
+                        c.read_tls(&mut rd).unwrap();
+                        c.process_new_packets().unwrap();
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(
+            matches!(failed, Some(rustls::Error::NoCertificatesPresented)),
+            "{failed:?}"
+        );
+        let bytes = drain(&mut wire);
+        let mut rd = &bytes[..];
+        let mut err = None;
+        while !rd.is_empty() && err.is_none() {
+            c.read_tls(&mut rd).unwrap();
+            err = c.process_new_packets().err();
+        }
+        assert!(
+            matches!(err, Some(rustls::Error::AlertReceived(_))),
+            "{err:?}"
+        );
     }
 
     #[test]
