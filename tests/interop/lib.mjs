@@ -3,6 +3,10 @@
 // parsing, Tarta's home-shard hash, MQTT.js clients with bounded waits,
 // Chromium's flags, and the `ok - NAME` / `not ok - NAME: why` check runner.
 
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import mqtt from 'mqtt';
 
 // Bound on every single wait (CONNACK, SUBACK, acks, deliveries), seconds.
@@ -261,4 +265,29 @@ export async function main(checks, optionNames, setup, teardown = async () => {}
         await withTimeout(teardown(), 15000, 'teardown').catch((e) => console.log(`# teardown: ${e.message}`));
     }
     process.exit(failed ? 1 : 0);
+}
+
+// servePage(html, js): an HTTP server on 127.0.0.1 (a free port) serving the
+// test page at /, its script at /page.js and the MQTT.js browser bundle at
+// /mqtt.min.js. Resolves to the listening server.
+export function servePage(html, js) {
+    const here = path.dirname(fileURLToPath(import.meta.url));
+    const bundle = readFileSync(path.join(here, 'node_modules/mqtt/dist/mqtt.min.js'));
+    const server = http.createServer((req, res) => {
+        const send = (type, body) => {
+            res.writeHead(200, { 'Content-Type': type, 'Cache-Control': 'no-store' });
+            res.end(body);
+        };
+        if (req.url === '/') send('text/html; charset=utf-8', html);
+        else if (req.url === '/mqtt.min.js') send('text/javascript', bundle);
+        else if (req.url === '/page.js') send('text/javascript', js);
+        else {
+            res.writeHead(404);
+            res.end();
+        }
+    });
+    return new Promise((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(0, '127.0.0.1', () => resolve(server));
+    });
 }

@@ -16,12 +16,11 @@
 // BENCH_PAYLOAD (bytes, default 64), BENCH_RUNS (default 3).
 
 import { readFileSync } from 'node:fs';
-import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { CHROMIUM_ARGS, Clients, WAIT_MS, expectMessages, fail, main, pickId, requirePort, sleep, withTimeout } from './lib.mjs';
+import { CHROMIUM_ARGS, Clients, WAIT_MS, expectMessages, fail, main, pickId, requirePort, sleep, withTimeout, servePage } from './lib.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -87,26 +86,7 @@ const PAGE_HTML = `<!doctype html>
 </head><body><p>MQTT.js over WebSocket to Tarta</p></body></html>
 `;
 
-function startHttp() {
-    const bundle = readFileSync(path.join(HERE, 'node_modules/mqtt/dist/mqtt.min.js'));
-    const server = http.createServer((req, res) => {
-        const send = (type, body) => {
-            res.writeHead(200, { 'Content-Type': type, 'Cache-Control': 'no-store' });
-            res.end(body);
-        };
-        if (req.url === '/') send('text/html; charset=utf-8', PAGE_HTML);
-        else if (req.url === '/mqtt.min.js') send('text/javascript', bundle);
-        else if (req.url === '/page.js') send('text/javascript', PAGE_JS);
-        else {
-            res.writeHead(404);
-            res.end();
-        }
-    });
-    return new Promise((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(0, '127.0.0.1', () => resolve(server));
-    });
-}
+const startHttp = () => servePage(PAGE_HTML, PAGE_JS);
 
 // ------------------------------------------------------------ browser
 

@@ -418,6 +418,21 @@ mod tests {
         out
     }
 
+    /// Feeds what the server queued to the client; returns its error.
+    fn client_error(
+        c: &mut rustls::ClientConnection,
+        wire: &mut OutQueue,
+    ) -> Option<rustls::Error> {
+        let bytes = drain(wire);
+        let mut rd = &bytes[..];
+        let mut err = None;
+        while !rd.is_empty() && err.is_none() {
+            c.read_tls(&mut rd).unwrap();
+            err = c.process_new_packets().err();
+        }
+        err
+    }
+
     #[test]
     fn handshake_data_both_ways_and_one_record_per_flush() {
         let (sc, cc) = configs(b"mqtt");
@@ -499,13 +514,7 @@ mod tests {
             matches!(failed, Some(rustls::Error::NoCertificatesPresented)),
             "{failed:?}"
         );
-        let bytes = drain(&mut wire);
-        let mut rd = &bytes[..];
-        let mut err = None;
-        while !rd.is_empty() && err.is_none() {
-            c.read_tls(&mut rd).unwrap();
-            err = c.process_new_packets().err();
-        }
+        let err = client_error(&mut c, &mut wire);
         assert!(
             matches!(err, Some(rustls::Error::AlertReceived(_))),
             "{err:?}"
@@ -521,13 +530,7 @@ mod tests {
         let mut wire = OutQueue::default();
         assert!(to_server(&mut c, &mut s, &mut wire).is_err());
         // The client learns why (under TLS 1.3 the alert is encrypted).
-        let bytes = drain(&mut wire);
-        let mut rd = &bytes[..];
-        let mut err = None;
-        while !rd.is_empty() && err.is_none() {
-            c.read_tls(&mut rd).unwrap();
-            err = c.process_new_packets().err();
-        }
+        let err = client_error(&mut c, &mut wire);
         assert_eq!(
             err,
             Some(rustls::Error::AlertReceived(
