@@ -11,7 +11,7 @@
 //! counted.
 //!
 //! Both executors are `Placement::Unbound` (the machine is shared; see
-//! docs/GLOMMIO.md on pinned shards and busy neighbours) and live for the whole
+//! docs/GLOMMIO-NOTES.md on pinned shards and busy neighbours) and live for the whole
 //! benchmark, so only the hop is timed, not executor start-up.
 
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};

@@ -37,7 +37,7 @@ mod ws;
 use clap::Parser;
 
 /// mimalloc: less overhead per small allocation than glibc's malloc, which
-/// matters with many connections (docs/GLOMMIO.md measured with it).
+/// matters with many connections (docs/GLOMMIO-NOTES.md measured with it).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cli::{Cli, Cmd};

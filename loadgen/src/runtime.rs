@@ -1,6 +1,6 @@
 //! The runtime layer of a worker process: one glommio executor per thread,
 //! each with its shared read buffer, its timer wheel and its statistics.
-//! glommio is imported here and in `conn` only (docs/GLOMMIO.md: keep the
+//! glommio is imported here and in `conn` only (docs/GLOMMIO-NOTES.md: keep the
 //! runtime swappable).
 //!
 //! - [`Shared`]: the process-wide state the worker's main thread and the
@@ -355,7 +355,7 @@ async fn exec_main(shared: Arc<Shared>, thread: usize) -> Local {
         }
         ex.active.set(ex.active.get() + 1);
         ex.connecting.set(ex.connecting.get() + 1);
-        // Spawn the connection future itself (not wrapped: docs/GLOMMIO.md).
+        // Spawn the connection future itself (not wrapped: docs/GLOMMIO-NOTES.md).
         glommio::spawn_local(conn::run(ex.clone(), k)).detach();
     }
     while !(ex.phase() == CLOSE && ex.active.get() == 0) {

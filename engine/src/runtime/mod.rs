@@ -3,7 +3,7 @@
 //! connection tasks, the mesh pump and the one-second ticker, and shuts
 //! everything down on SIGINT/SIGTERM.
 //!
-//! Keeping glommio here (docs/GLOMMIO.md: upstream is barely maintained) means a
+//! Keeping glommio here (docs/GLOMMIO-NOTES.md: upstream is barely maintained) means a
 //! move to the community fork or another runtime touches this module only.
 
 mod conn;

@@ -4,7 +4,7 @@
 //!
 //! Why not a glommio stream and task per connection: glommio keeps a
 //! stream object, an armed `Source` and a task header for each idle
-//! connection (~1 KB, docs/GLOMMIO.md). Here an idle connection costs one slot
+//! connection (~1 KB, docs/GLOMMIO-NOTES.md). Here an idle connection costs one slot
 //! (32 B) and its boxed task; its readiness is a multishot `POLL_ADD` in this
 //! ring (kernel memory, re-armed only if the kernel ends it).
 //!
