@@ -68,6 +68,34 @@ pub struct Cli {
     /// Seconds between `$SYS/tarta/...` statistics publications (0 = off).
     #[arg(long = "sys-interval", value_name = "SECS")]
     pub sys_interval: Option<u32>,
+    /// Directory of the write-ahead logs (default `tarta-data` in the
+    /// working directory).
+    #[arg(long = "data-dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep everything in memory: nothing survives a restart.
+    #[arg(long = "no-persistence")]
+    pub no_persistence: bool,
+    /// When the log is synced to disk: always (before every acknowledgement
+    /// that promises durability; group commit), interval, or never.
+    #[arg(long, value_name = "POLICY")]
+    pub fsync: Option<FsyncPolicy>,
+    /// Milliseconds between syncs with `--fsync interval`.
+    #[arg(long = "fsync-interval-ms", value_name = "MS")]
+    pub fsync_interval_ms: Option<u64>,
+}
+
+/// When the write-ahead log reaches the disk (docs/OPERATIONS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// fdatasync before the acknowledgements that depend on a batch
+    /// (survives a power loss).
+    Always,
+    /// Acknowledge once written to the page cache; fdatasync every
+    /// `fsync_interval_ms` (a power loss may lose that window).
+    Interval,
+    /// Page cache only: survives a crash of the process, not of the machine.
+    Never,
 }
 
 /// The TOML file. Every field is optional; see docs/CONFIG.md.
@@ -100,6 +128,11 @@ pub struct FileConfig {
     pub mesh_capacity: Option<usize>,
     pub io_memory: Option<usize>,
     pub transparent_huge_pages: Option<bool>,
+    pub persistence: Option<bool>,
+    pub data_dir: Option<PathBuf>,
+    pub fsync: Option<FsyncPolicy>,
+    pub fsync_interval_ms: Option<u64>,
+    pub log_compact_bytes: Option<u64>,
 }
 
 /// What a listener speaks above TCP (and TLS, if it has it).
@@ -212,6 +245,20 @@ pub struct Config {
     /// idle heap of small per-connection objects then costs whole 2 MiB
     /// pages (measured: +17 MB at start, +1 KB per idle connection).
     pub transparent_huge_pages: bool,
+    /// The write-ahead log: None keeps everything in memory.
+    pub store: Option<StoreConfig>,
+}
+
+/// Where and how the write-ahead logs are kept.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    pub fsync_interval_ms: u64,
+    /// A shard's log is compacted (live state rewritten, older segments
+    /// deleted) once it has grown by this many bytes and by more than
+    /// its last snapshot.
+    pub compact_bytes: u64,
 }
 
 impl Config {
@@ -320,6 +367,18 @@ impl Config {
             mesh_capacity: file.mesh_capacity.unwrap_or(1024),
             io_memory: file.io_memory.unwrap_or(512 * 1024),
             transparent_huge_pages: file.transparent_huge_pages.unwrap_or(false),
+            store: (!cli.no_persistence && file.persistence.unwrap_or(true)).then(|| StoreConfig {
+                data_dir: cli
+                    .data_dir
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("tarta-data")),
+                fsync: cli.fsync.or(file.fsync).unwrap_or(FsyncPolicy::Always),
+                fsync_interval_ms: cli
+                    .fsync_interval_ms
+                    .or(file.fsync_interval_ms)
+                    .unwrap_or(100),
+                compact_bytes: file.log_compact_bytes.unwrap_or(64 << 20),
+            }),
         };
         cfg.check()?;
         Ok(cfg)
@@ -363,6 +422,11 @@ impl Config {
         }
         if self.max_packet_size < 64 {
             return Err("max_packet_size must be at least 64".into());
+        }
+        if let Some(s) = &self.store {
+            if s.fsync == FsyncPolicy::Interval && s.fsync_interval_ms == 0 {
+                return Err("fsync_interval_ms must be at least 1".into());
+            }
         }
         if self.mesh_capacity == 0 {
             return Err("mesh_capacity must be at least 1".into());

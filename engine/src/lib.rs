@@ -20,6 +20,7 @@ pub mod config;
 pub mod mesh;
 pub mod runtime;
 pub mod session;
+pub mod store;
 pub mod transport;
 pub mod wheel;
 

@@ -53,6 +53,20 @@ pub trait Outbox {
     fn publish(&mut self, d: &Delivery, pid: u16, dup: bool) -> bool;
     /// Sends a control packet (PUBACK, PUBREC, PUBREL, PUBCOMP).
     fn packet(&mut self, p: Packet);
+    /// A change to the session's queue the write-ahead log must record
+    /// (only logged sessions' outboxes do anything with it).
+    fn journal(&mut self, _ev: Journal) {}
+}
+
+/// Queue changes made by the session itself, in the order it makes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    /// The front of the queue went out with `pid` (or was discarded).
+    Sent { pid: u16, discarded: bool },
+    /// The delivery with `pid` is done.
+    Ack { pid: u16 },
+    /// PUBREC for `pid`: PUBREL sent.
+    Rel { pid: u16 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +92,9 @@ pub struct Session {
     pub client_id: Box<str>,
     /// Kept after the connection ends (clean session 0 / session expiry > 0).
     pub persistent: bool,
+    /// Its state is in the shard's write-ahead log (a `SessionDel` record
+    /// must end it there).
+    pub logged: bool,
     /// Subscriptions by filter (as subscribed, `$share/...` included), with
     /// their 5.0 subscription identifier.
     /// (A BTreeMap: 24 bytes when empty, where a HashMap takes 48.)
@@ -99,6 +116,7 @@ impl Session {
         Session {
             client_id: client_id.as_str().into(),
             persistent,
+            logged: false,
             subs: BTreeMap::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
@@ -116,6 +134,14 @@ impl Session {
 
     pub fn queued_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether `deliver` would keep a delivery of `qos` (send or queue it)
+    /// rather than drop it: QoS 1/2 while the queue has room.
+    pub fn accepts(&self, qos: QoS, online: bool) -> bool {
+        qos != QoS::AtMostOnce
+            && (self.pending.len() < self.max_queued
+                || (online && self.pending.is_empty() && self.window_open()))
     }
 
     /// Hands `d` to the client (`out` is `None` while it is offline).
@@ -155,8 +181,16 @@ impl Session {
     fn send_new(&mut self, d: Delivery, out: &mut dyn Outbox) -> bool {
         let pid = self.alloc_pid();
         if !out.publish(&d, pid, false) {
+            out.journal(Journal::Sent {
+                pid,
+                discarded: true,
+            });
             return false;
         }
+        out.journal(Journal::Sent {
+            pid,
+            discarded: false,
+        });
         self.inflight.push_back(Inflight {
             pid,
             d,
@@ -194,6 +228,7 @@ impl Session {
             .position(|i| i.pid == pid && i.d.qos == QoS::AtLeastOnce);
         let found = pos.and_then(|p| self.inflight.remove(p)).is_some();
         if found {
+            out.journal(Journal::Ack { pid });
             self.fill(out);
         }
         found
@@ -211,11 +246,15 @@ impl Session {
         };
         if reason >= 0x80 {
             self.inflight.remove(pos);
+            out.journal(Journal::Ack { pid });
             self.fill(out);
             return true;
         }
         if let Some(i) = self.inflight.get_mut(pos) {
-            i.released = true;
+            if !i.released {
+                i.released = true;
+                out.journal(Journal::Rel { pid });
+            }
         }
         out.packet(Packet::PubRel(ack(pid, 0)));
         true
@@ -229,6 +268,7 @@ impl Session {
             .position(|i| i.pid == pid && i.released);
         let found = pos.and_then(|p| self.inflight.remove(p)).is_some();
         if found {
+            out.journal(Journal::Ack { pid });
             self.fill(out);
         }
         found
@@ -286,6 +326,74 @@ impl Session {
             }
         }
         self.fill(out);
+    }
+}
+
+/// Rebuilding a session from the write-ahead log (`store::replay`), and
+/// reading it back out for a snapshot: the same state changes, without
+/// output.
+impl Session {
+    pub fn restore_enqueue(&mut self, d: Delivery) {
+        self.pending.push_back(d);
+    }
+
+    /// `Journal::Sent`: the front of the queue goes out with `pid`.
+    pub fn restore_sent(&mut self, pid: u16, discarded: bool) {
+        self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+        if let Some(d) = self.pending.pop_front() {
+            if !discarded {
+                self.inflight.push_back(Inflight {
+                    pid,
+                    d,
+                    released: false,
+                });
+            }
+        }
+    }
+
+    pub fn restore_ack(&mut self, pid: u16) {
+        if let Some(p) = self.inflight.iter().position(|i| i.pid == pid) {
+            self.inflight.remove(p);
+        }
+    }
+
+    pub fn restore_rel(&mut self, pid: u16) {
+        if let Some(i) = self.inflight.iter_mut().find(|i| i.pid == pid) {
+            i.released = true;
+        }
+    }
+
+    pub fn restore_next_pid(&mut self, pid: u16) {
+        self.next_pid = pid.max(1);
+    }
+
+    pub fn next_pid(&self) -> u16 {
+        self.next_pid
+    }
+
+    /// What is in flight: (packet id, delivery, PUBREL sent), in order.
+    pub fn inflight_iter(&self) -> impl Iterator<Item = (u16, &Delivery, bool)> {
+        self.inflight.iter().map(|i| (i.pid, &i.d, i.released))
+    }
+
+    pub fn pending_iter(&self) -> impl Iterator<Item = &Delivery> {
+        self.pending.iter()
+    }
+
+    /// After a restart, deliveries that came through a shared subscription
+    /// are the session's own (its group membership is gone with its
+    /// connection).
+    pub fn restore_clear_shares(&mut self) {
+        for i in &mut self.inflight {
+            i.d.share = None;
+        }
+        for d in &mut self.pending {
+            d.share = None;
+        }
+    }
+
+    pub fn incoming_iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.incoming_qos2.iter().copied()
     }
 }
 

@@ -48,7 +48,16 @@ impl Broker {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         cmd.args(["--shards", "2", "--no-pin"])
             .args(["--sys-interval", "1", "--log", "debug"])
-            .args(extra)
+            .args(extra);
+        if !extra
+            .iter()
+            .any(|a| *a == "--data-dir" || *a == "--no-persistence")
+        {
+            // Every broker its own write-ahead log (the default directory
+            // is locked by whichever broker opens it first).
+            cmd.arg("--data-dir").arg(dir.join("data"));
+        }
+        cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         let mut child = cmd.spawn().expect("start tarta");

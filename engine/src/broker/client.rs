@@ -6,6 +6,7 @@ use super::conn::{CloseReason, Conn, ConnOutbox};
 use super::metrics::Metrics;
 use super::{home_shard, SessionEntry, Shard, State, Sub};
 use crate::session::{ack, Delivery, Message, Outbox, Session};
+use crate::store::record::Rec;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -30,8 +31,16 @@ fn protocol_error(what: &str) -> Flow {
     Flow::Close(CloseReason::Protocol(what.to_string()))
 }
 
-/// Handles one decoded packet.
+/// Handles one decoded packet. Whatever it logged gates the connection's
+/// output: its answers go out once that is durable.
 pub fn on_packet(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
+    let before = shard.log_marks();
+    let flow = handle(shard, conn, p);
+    shard.gate_after(conn, before);
+    flow
+}
+
+fn handle(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
     conn.heard(shard.now.get());
     let (connected, protocol) = {
         let st = conn.state.borrow();
@@ -64,15 +73,33 @@ pub fn on_packet(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
                 out.packet(Packet::PubRel(ack(a.packet_id, code)));
             }
         }),
-        Packet::PubRel(a) => with_session(shard, conn, |s, out| {
-            let known = s.release_incoming(a.packet_id);
+        Packet::PubRel(a) => {
+            let Some(sid) = conn.state.borrow().session else {
+                return Flow::Continue;
+            };
+            let mut st = shard.st.borrow_mut();
+            let known = st
+                .sessions
+                .get_mut(sid)
+                .is_some_and(|e| e.session.release_incoming(a.packet_id));
+            if known {
+                // PUBCOMP lets the client reuse the id: once the broker
+                // cannot take a new message with it for a duplicate.
+                let rec = Rec::In2Rel {
+                    sid: sid as u32,
+                    pid: a.packet_id,
+                };
+                shard.log_rec(&mut st, sid, rec, true);
+            }
             let code = if known || !protocol.is_v5() {
                 0
             } else {
                 reason::PACKET_IDENTIFIER_NOT_FOUND
             };
-            out.packet(Packet::PubComp(ack(a.packet_id, code)));
-        }),
+            let p = Packet::PubComp(ack(a.packet_id, code));
+            conn.out.borrow_mut().push_packet(&p, protocol);
+            Flow::Continue
+        }
         Packet::PubComp(a) => with_session(shard, conn, |s, out| {
             s.on_pubcomp(a.packet_id, out);
         }),
@@ -123,8 +150,10 @@ fn with_session(
         return Flow::Continue;
     };
     let mut st = shard.st.borrow_mut();
+    let st = &mut *st;
     if let Some(entry) = st.sessions.get_mut(sid) {
-        let mut out = ConnOutbox::new(conn, shard.now.get());
+        let log = st.log.as_mut().filter(|_| entry.session.logged);
+        let mut out = ConnOutbox::logged(conn, shard.now.get(), log, sid);
         f(&mut entry.session, &mut out);
         shard.congestion(entry);
     }
@@ -175,8 +204,16 @@ fn assign_client_id(shard: &Shard) -> ByteStr {
     }
 }
 
-/// CONNECT on the client id's home shard.
+/// CONNECT on the client id's home shard. A persistent session's record
+/// is logged before its CONNACK goes out.
 pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
+    let before = shard.log_marks();
+    let flow = connect_inner(shard, conn, c);
+    shard.gate_after(conn, before);
+    flow
+}
+
+fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     let cfg = &shard.cfg;
     let protocol = c.protocol;
     let v5 = protocol.is_v5();
@@ -237,6 +274,12 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         cfg.max_inflight
     };
 
+    let storage_failed = shard.st.borrow().log.as_ref().is_some_and(|l| l.failed);
+    if persistent && storage_failed {
+        // The session could not be stored: refuse rather than promise
+        // (3.x: server unavailable).
+        return refuse(conn, protocol, 0x03, reason::QUOTA_EXCEEDED);
+    }
     let mut st = shard.st.borrow_mut();
     let st = &mut *st;
     let mut session_present = false;
@@ -278,6 +321,10 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
             sid
         }
     };
+    if !persistent {
+        // No longer persistent (a 5.0 reconnection with expiry 0).
+        shard.log_session_del(st, sid);
+    }
     if let Some(entry) = st.sessions.get_mut(sid) {
         entry.conn = Some(conn.clone());
         entry.acl = acl;
@@ -310,6 +357,9 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     }
     conn.keepalive.set(keepalive);
     shard.schedule(st, conn);
+    if persistent {
+        shard.log_session(st, sid, 0, c.will.as_ref());
+    }
 
     let mut properties = Properties::default();
     if v5 {
@@ -342,9 +392,10 @@ pub fn connect(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     debug!(client_id = %client_id, session_present, persistent, keepalive, "connected");
     if session_present {
         if let Some(entry) = st.sessions.get_mut(sid) {
+            let log = st.log.as_mut().filter(|_| entry.session.logged);
             entry
                 .session
-                .resume(&mut ConnOutbox::new(conn, shard.now.get()));
+                .resume(&mut ConnOutbox::logged(conn, shard.now.get(), log, sid));
             for (key, opts, id) in shared_subs(&entry.session) {
                 shard.share_join(st, key, sid, opts, id);
             }
@@ -359,6 +410,7 @@ pub(crate) fn drop_session(shard: &Shard, st: &mut State, sid: usize) {
     if !st.sessions.contains(sid) {
         return;
     }
+    shard.log_session_del(st, sid);
     if let Some(e) = st.sessions.get(sid) {
         st.clients.remove(&e.session.client_id, sid);
     }
@@ -429,6 +481,24 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
     } else {
         0
     };
+    if p.qos != QoS::AtMostOnce && st.log.as_ref().is_some_and(|l| l.failed) {
+        // The log cannot take it (disk full, I/O error): no promise. 5.0
+        // hears why; a 3.x client is closed without the acknowledgement
+        // and resends when it reconnects.
+        Metrics::inc(&shard.metrics.refused_storage);
+        if !protocol.is_v5() {
+            return Flow::Close(CloseReason::StorageFailed);
+        }
+        let a = ack(p.packet_id, reason::QUOTA_EXCEEDED);
+        let a = match p.qos {
+            QoS::AtLeastOnce => Packet::PubAck(a),
+            _ => Packet::PubRec(a),
+        };
+        conn.out.borrow_mut().push_packet(&a, protocol);
+        conn.wake();
+        return Flow::Continue;
+    }
+    let mut in2 = false;
     let route = match p.qos {
         QoS::AtMostOnce => allowed,
         QoS::AtLeastOnce => {
@@ -449,11 +519,20 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             } else {
                 false
             };
+            in2 = new;
             let a = Packet::PubRec(ack(p.packet_id, denied_code));
             conn.out.borrow_mut().push_packet(&a, protocol);
             new && allowed
         }
     };
+    if in2 {
+        // Exactly once across a crash: the id is known until PUBREL.
+        let rec = Rec::In2 {
+            sid: sid as u32,
+            pid: p.packet_id,
+        };
+        shard.log_rec(st, sid, rec, true);
+    }
     conn.wake();
     if route {
         let mut properties = p.properties;
@@ -491,6 +570,7 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
     let mut retained = Vec::new();
     let mut new_routes = Vec::new();
     let mut share_changed = false;
+    let mut logged = Vec::new();
     for (raw, opts) in &s.filters {
         let fail = |v5code: u8| if v5 { v5code } else { 0x80 };
         let Ok(filter) = TopicFilter::new(raw.clone()) else {
@@ -516,6 +596,12 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
             .insert(raw.clone(), (*opts, sub_id))
             .is_some();
         codes.push(opts.qos as u8);
+        logged.push(Rec::Sub {
+            sid: sid as u32,
+            filter: raw.clone(),
+            opts: *opts,
+            sub_id,
+        });
         if let Some(key) = share_key(&filter) {
             // MQTT-4.8.2: no retained messages for a shared subscription.
             share_changed |= shard.share_join(st, key, sid, *opts, sub_id);
@@ -549,6 +635,9 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
                 });
             });
         }
+    }
+    for rec in logged {
+        shard.log_rec(st, sid, rec, true);
     }
     for f in &new_routes {
         shard.route_change(st, f, true);
@@ -615,6 +704,11 @@ fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscrib
             .is_some_and(|e| e.session.subs.remove(f).is_some());
         if existed {
             remove_sub(shard, st, sid, f);
+            let rec = Rec::Unsub {
+                sid: sid as u32,
+                filter: f.clone(),
+            };
+            shard.log_rec(st, sid, rec, true);
         }
         if protocol.is_v5() {
             codes.push(if existed {
@@ -685,6 +779,9 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
     // groups, and hand what this member had not acknowledged to another.
     let shares = shared_subs(&entry.session);
     let moved = entry.session.take_where(|d| d.share.is_some());
+    if !moved.is_empty() {
+        shard.log_rec(st, sid, Rec::Unshare { sid: sid as u32 }, false);
+    }
     for (key, _, _) in &shares {
         shard.share_leave(st, key, sid);
     }
@@ -699,6 +796,15 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
         }
         return;
     }
+    if entry.session.logged {
+        // Offline from now (its expiry counts from here), with the will
+        // still due, if delayed.
+        let pending = will.as_deref().filter(|_| delay.is_some()).cloned();
+        shard.log_session(st, sid, crate::store::unix_now().max(1), pending.as_ref());
+    }
+    let Some(entry) = st.sessions.get_mut(sid) else {
+        return;
+    };
     match (will, delay) {
         (Some(w), Some(_)) => {
             entry.pending_will = Some(w);

@@ -5,7 +5,9 @@
 //! Architecture invariant: nothing here does I/O; the runtime's connection
 //! task drains [`OutQueue`] with vectored sends and watches `close`.
 
-use crate::session::{Delivery, Outbox};
+use crate::store::log::Log;
+use crate::store::record::Rec;
+use crate::session::{Delivery, Journal, Outbox};
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -55,6 +57,9 @@ pub enum CloseReason {
     Transport(&'static str),
     /// Moved to the client id's home shard (not a close for the client).
     HandedOff,
+    /// A message that must be logged could not be (disk full, I/O error):
+    /// a 3.x publisher is closed without its acknowledgement and resends.
+    StorageFailed,
 }
 
 impl CloseReason {
@@ -71,6 +76,7 @@ impl CloseReason {
             CloseReason::TakenOver => SESSION_TAKEN_OVER,
             CloseReason::NotAuthorized => NOT_AUTHORIZED,
             CloseReason::Shutdown => SERVER_SHUTTING_DOWN,
+            CloseReason::StorageFailed => QUOTA_EXCEEDED,
             _ => return None,
         })
     }
@@ -89,6 +95,7 @@ impl CloseReason {
             CloseReason::TakenOver => "another connection took over the session".into(),
             CloseReason::Shutdown => "the server is shutting down".into(),
             CloseReason::NotAuthorized => "not authorized".into(),
+            CloseReason::StorageFailed => "the broker cannot store messages right now".into(),
             CloseReason::Ws { what, .. } => (*what).into(),
             other => format!("{other:?}"),
         }
@@ -406,6 +413,13 @@ pub struct Conn {
     wheel_at: Cell<u32>,
     /// Negotiated keep-alive in seconds (0 = none).
     pub keepalive: Cell<u16>,
+    /// The log epoch its queued output depends on: nothing is written
+    /// before that epoch is durable (`store::log`).
+    pub gate: Cell<u32>,
+    /// The durability barrier its output waits for: other shards' logs
+    /// (a message it published reached their persistent sessions). The
+    /// low 16 bits of the barrier's number (compared within a window).
+    pub barrier: Cell<u16>,
     pub state: RefCell<ConnState>,
 }
 
@@ -424,6 +438,8 @@ impl Conn {
             accepted_at: secs(now),
             wheel_at: Cell::new(u32::MAX),
             keepalive: Cell::new(0),
+            gate: Cell::new(0),
+            barrier: Cell::new(0),
             state: RefCell::new(ConnState {
                 protocol: Protocol::V311,
                 connected: false,
@@ -525,6 +541,8 @@ pub struct ConnOutbox<'a> {
     pub now: u64,
     /// Deliveries discarded: expired, or larger than the client accepts.
     pub discarded: u32,
+    /// The shard's log and the session's number in it, for a logged session.
+    pub log: Option<(&'a mut Log, u32)>,
 }
 
 impl<'a> ConnOutbox<'a> {
@@ -536,7 +554,15 @@ impl<'a> ConnOutbox<'a> {
             max_packet_out: st.max_packet_out,
             now,
             discarded: 0,
+            log: None,
         }
+    }
+
+    /// An outbox that records the session's queue changes in `log`.
+    pub fn logged(conn: &'a Conn, now: u64, log: Option<&'a mut Log>, sid: usize) -> Self {
+        let mut o = ConnOutbox::new(conn, now);
+        o.log = log.map(|l| (l, sid as u32));
+        o
     }
 }
 
@@ -603,6 +629,25 @@ impl Outbox for ConnOutbox<'_> {
     fn packet(&mut self, p: Packet) {
         self.conn.out.borrow_mut().push_packet(&p, self.protocol);
         self.conn.wake();
+    }
+
+    fn journal(&mut self, ev: Journal) {
+        let Some((log, sid)) = &mut self.log else {
+            return;
+        };
+        let sid = *sid;
+        match ev {
+            // Not gating: after a crash the same packet id goes to the
+            // same message again (ids follow from the durable records).
+            Journal::Sent { pid, discarded } => log.append(&Rec::Sent { sid, pid, discarded }, false),
+            Journal::Ack { pid } => log.append(&Rec::Ack { sid, pid }, false),
+            // PUBREL lets the client forget the packet id: only once the
+            // broker cannot resend the PUBLISH.
+            Journal::Rel { pid } => {
+                log.append(&Rec::Rel { sid, pid }, true);
+                self.conn.gate.set(log.gate());
+            }
+        }
     }
 }
 

@@ -40,6 +40,12 @@ counters! {
     proxy_untrusted: "Connections closed on a PROXY protocol listener because the peer is not in trusted_proxies.",
     proxy_malformed: "Connections closed for a malformed or missing PROXY protocol header.",
     refused_listener_full: "Connections refused because their listener reached max_connections.",
+    refused_storage: "QoS 1/2 publishes refused (5.0: reason 0x97; 3.x: closed without the acknowledgement) while the log could not be written.",
+    log_commits: "Write-ahead log batches made durable (one write, and one fdatasync with fsync = always, each).",
+    log_bytes: "Bytes written to the write-ahead log.",
+    log_write_errors: "Failed write-ahead log writes or syncs (retried every second; nothing acknowledged meanwhile).",
+    log_compactions: "Write-ahead log snapshots written (older segments deleted).",
+    log_quarantined: "Log segments moved aside or records skipped as corrupt at start-up.",
 }
 
 impl Metrics {

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod clients;
 pub mod conn;
+mod durable;
 pub mod metrics;
 pub mod retained;
 mod route_cache;
@@ -18,6 +19,8 @@ mod tick;
 
 use crate::config::Config;
 use crate::session::{Delivery, Enqueued, Message, Session};
+use crate::store::log::Log;
+use crate::store::record::Rec;
 use crate::transport::Layers;
 use crate::wheel::Wheel;
 use bytes::Bytes;
@@ -41,9 +44,17 @@ use tarta_proto::ByteStr;
 
 /// What shards send each other (batched per destination).
 pub enum ShardMsg {
-    /// A message for the receiver's local subscribers; a retained one also
-    /// updates the receiver's retained replica.
+    /// A message for the receiver's local subscribers.
     Publish(Arc<Message>),
+    /// A retained message for its topic's owner shard, which orders the
+    /// writes to that topic (and logs them) and updates every replica.
+    Retain(Arc<Message>),
+    /// The owner's retained message for its topic: update the replica.
+    Replica(Arc<Message>),
+    /// Answer `DurAck(seq)` once everything this shard logged before it is
+    /// durable (a publisher on the sender waits for its acknowledgement).
+    DurBarrier(u32),
+    DurAck(u32),
     /// The sender has its first local subscriber on this filter.
     RouteAdd(ByteStr),
     /// The sender's last local subscriber on this filter left.
@@ -199,6 +210,16 @@ pub struct State {
     /// Mesh messages set aside while a local subscriber is congested, by
     /// sending shard, in order; taken up again before the channels.
     stalled: std::collections::VecDeque<(usize, Vec<ShardMsg>)>,
+    /// The write-ahead log (None: persistence off).
+    pub log: Option<Log>,
+    /// Durability barriers: the last one sent to the other shards, whether
+    /// one is wanted (sent with the next outbox flush), and the last one
+    /// each shard acknowledged.
+    dur_issued: u32,
+    dur_want: bool,
+    /// Barriers asked for so far (a packet that asked gates its connection).
+    dur_reqs: u64,
+    dur_acked: Vec<u32>,
 }
 
 pub struct Shard {
@@ -219,6 +240,9 @@ pub struct Shard {
     pub shutting_down: Cell<bool>,
     /// Connected sessions whose queue is above `max_queued_messages`.
     pub congested: Cell<usize>,
+    /// Connections waiting for the log (or other shards' logs) to make
+    /// their output durable.
+    pub gate_waiters: RefCell<Vec<Waker>>,
 }
 
 /// Messages queued towards one shard beyond which QoS 0 is dropped and
@@ -252,6 +276,11 @@ impl Shard {
                 shares: HashMap::new(),
                 share_routes: TopicIndex::new(),
                 stalled: Default::default(),
+                log: None,
+                dur_issued: 0,
+                dur_want: false,
+                dur_reqs: 0,
+                dur_acked: vec![0; n],
             }),
             metrics: Metrics::default(),
             now: Cell::new(0),
@@ -260,6 +289,7 @@ impl Shard {
             next_conn_id: Cell::new(0),
             shutting_down: Cell::new(false),
             congested: Cell::new(0),
+            gate_waiters: RefCell::new(Vec::new()),
         }
     }
 
@@ -351,19 +381,20 @@ impl Shard {
     /// to every other shard with a matching route (all shards if retained).
     pub fn route(&self, st: &mut State, msg: Arc<Message>) {
         if msg.retain {
+            // This replica at once (a SUBSCRIBE here sees it); the owner's
+            // order wins on every replica, this one included.
             st.retained.set(&msg);
+            let owner = home_shard(&msg.topic, self.n);
+            if owner == self.id {
+                self.owner_retain(st, &msg, None);
+            } else {
+                self.push_out(st, owner, ShardMsg::Retain(msg.clone()));
+                self.want_barrier(st, &msg);
+            }
         }
         let (mask, wide) = self.deliver_local(st, &msg, true);
         self.route_shared(st, &msg);
         if self.n == 1 {
-            return;
-        }
-        if msg.retain {
-            for to in 0..self.n {
-                if to != self.id {
-                    self.forward(st, to, &msg);
-                }
-            }
             return;
         }
         for to in 0..self.n {
@@ -433,11 +464,12 @@ impl Shard {
     }
 
     fn forward(&self, st: &mut State, to: usize, msg: &Arc<Message>) {
-        if msg.qos == QoS::AtMostOnce && !msg.retain && st.outbox[to].len() >= OUTBOX_HIGH {
+        if msg.qos == QoS::AtMostOnce && st.outbox[to].len() >= OUTBOX_HIGH {
             Metrics::inc(&self.metrics.qos0_dropped);
             return;
         }
         self.push_out(st, to, ShardMsg::Publish(msg.clone()));
+        self.want_barrier(st, msg);
     }
 
     /// Delivers to this shard's subscribers: once per session, at the
@@ -508,13 +540,34 @@ impl Shard {
                 }
             }
         }
+        let logged = entry.session.logged && st.log.is_some();
+        if logged && entry.session.accepts(d.qos, entry.conn.is_some()) {
+            // A persistent destination: the delivery is logged, and the
+            // subscriber sees it only once that is durable.
+            if let Some(log) = st.log.as_mut() {
+                let mid = log.message(&d.msg);
+                let rec = Rec::Enq {
+                    sid: sid as u32,
+                    mid,
+                    qos: d.qos,
+                    retain: d.retain,
+                    share: d.share.is_some(),
+                    sub_ids: d.sub_ids.clone(),
+                };
+                log.append(&rec, true);
+                if let Some(c) = &entry.conn {
+                    c.gate.set(log.gate());
+                }
+            }
+        }
+        let log = if logged { st.log.as_mut() } else { None };
         let r = match &entry.conn {
             Some(conn) => {
                 if d.qos == QoS::AtMostOnce && conn.queued() >= self.cfg.max_queued_bytes {
                     Metrics::inc(&self.metrics.qos0_dropped);
                     return;
                 }
-                let mut out = ConnOutbox::new(conn, self.now.get());
+                let mut out = ConnOutbox::logged(conn, self.now.get(), log, sid);
                 let r = entry.session.deliver(d, Some(&mut out));
                 if out.discarded > 0 {
                     Metrics::inc(&self.metrics.expired_or_oversize);
@@ -631,11 +684,12 @@ impl Shard {
             }
             match m {
                 ShardMsg::Publish(msg) => {
-                    if msg.retain {
-                        st.retained.set(&msg);
-                    }
                     self.deliver_local(st, &msg, false);
                 }
+                ShardMsg::Retain(msg) => self.owner_retain(st, &msg, Some(from)),
+                ShardMsg::Replica(msg) => st.retained.set(&msg),
+                ShardMsg::DurBarrier(seq) => self.dur_barrier(st, from, seq),
+                ShardMsg::DurAck(seq) => self.dur_ack(st, from, seq),
                 ShardMsg::RouteAdd(f) => {
                     st.routes.insert(&f, from as u16, ());
                     st.route_gen += 1;

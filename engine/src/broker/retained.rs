@@ -38,6 +38,13 @@ impl Retained {
         }
     }
 
+    /// Every retained message (snapshots).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Message>)) {
+        for m in self.by_topic.values() {
+            f(m);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.by_topic.len()
     }

@@ -12,7 +12,7 @@ use tarta_proto::ByteStr;
 
 impl Shard {
     /// Schedules a timer event.
-    fn at(&self, st: &mut State, when: u64, ev: TimerEvent) {
+    pub(super) fn at(&self, st: &mut State, when: u64, ev: TimerEvent) {
         st.timer_seq += 1;
         let seq = st.timer_seq;
         st.timers.insert((when, seq), ev);

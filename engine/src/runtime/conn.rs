@@ -175,11 +175,19 @@ impl Io {
     fn poll(&mut self, cx: &mut Context<'_>, rt: &Rt, conn: &Rc<Conn>) -> Poll<Outcome> {
         conn.set_waker(cx.waker());
         let max_queued = rt.shard.cfg.max_queued_bytes;
+        let mut waiting = false;
         for _ in 0..BUDGET {
             if let Some(why) = conn.close_reason() {
                 return Poll::Ready(Outcome::Close(why));
             }
-            if let Err(e) = self.flush(conn) {
+            if rt.shard.gated(conn) {
+                // Its output depends on records not yet durable: it goes
+                // once they are (woken then). Reading goes on.
+                if !waiting {
+                    rt.shard.gate_waiters.borrow_mut().push(cx.waker().clone());
+                    waiting = true;
+                }
+            } else if let Err(e) = self.flush(conn) {
                 debug!("write failed: {e}");
                 return Poll::Ready(Outcome::Close(CloseReason::PeerGone));
             }
@@ -625,6 +633,11 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
         poll_fn(|cx| {
             conn.set_waker(cx.waker());
             loop {
+                if rt.shard.gated(&conn) {
+                    // Acknowledgements go only once what they promise is durable.
+                    rt.shard.gate_waiters.borrow_mut().push(cx.waker().clone());
+                    return Poll::Pending;
+                }
                 if let Err(e) = io.flush(&conn) {
                     debug!("flush on close: {e}");
                     return Poll::Ready(());

@@ -11,6 +11,7 @@ mod listener;
 mod pump;
 mod ratelog;
 mod sched;
+mod wal;
 
 use crate::broker::{Shard, ShardMsg};
 use crate::config::Config;
@@ -135,6 +136,33 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ep.addr = *addr;
     }
     let endpoints = Arc::new(endpoints);
+    // Recovery, before any shard runs: every shard's log, in parallel.
+    let epoch_unix = crate::store::unix_now();
+    let opened = match &cfg.store {
+        Some(sc) => Some(crate::store::disk::open(&sc.data_dir, n, epoch_unix)?),
+        None => None,
+    };
+    let mut stores: Vec<Option<ShardStore>> = (0..n).map(|_| None).collect();
+    let mut _lock = None;
+    if let Some(o) = opened {
+        let retained: Arc<Vec<Arc<crate::session::Message>>> = Arc::new(
+            o.images
+                .iter()
+                .flat_map(|i| i.retained.iter().cloned())
+                .collect(),
+        );
+        let mut quarantined = o.quarantined + o.corrupt_records;
+        for (i, (image, tail)) in o.images.into_iter().zip(o.tails).enumerate() {
+            stores[i] = Some(ShardStore {
+                image,
+                tail,
+                retained: retained.clone(),
+                epoch_unix,
+                quarantined: std::mem::take(&mut quarantined),
+            });
+        }
+        _lock = Some(o.lock);
+    }
     let signals = block_signals();
     let cfg = Arc::new(cfg);
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -147,7 +175,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     }
     let mut handles = Vec::new();
-    for (id, (ends, fds)) in ends.into_iter().zip(per_shard).enumerate() {
+    for (id, ((ends, fds), store)) in ends.into_iter().zip(per_shard).zip(stores).enumerate() {
         let placement = if cfg.pin {
             Placement::Fixed(cpus.get(id % cpus.len().max(1)).copied().unwrap_or(0))
         } else {
@@ -166,7 +194,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     shutdown,
                     endpoints,
                 });
-                shard_main(rt, fds).await;
+                shard_main(rt, fds, store).await;
             })
             .map_err(|e| format!("cannot start shard {id}: {e}"))?;
         handles.push(h);
@@ -211,7 +239,24 @@ fn reload(endpoints: &[Endpoint]) {
     info!(reloaded = ok, failed, "SIGHUP: TLS certificates reloaded");
 }
 
-async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>) {
+/// What a shard starts its log with: the state recovered for it, where to
+/// append, and every retained message (for its replica).
+struct ShardStore {
+    image: crate::store::replay::Image,
+    tail: crate::store::disk::Tail,
+    retained: Arc<Vec<Arc<crate::session::Message>>>,
+    epoch_unix: u64,
+    quarantined: u64,
+}
+
+async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<ShardStore>) {
+    let committer = store.and_then(|s| {
+        let cfg = rt.shard.cfg.store.clone()?;
+        let log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid);
+        rt.shard.restore(s.image, &s.retained, log);
+        rt.shard.metrics.log_quarantined.set(s.quarantined);
+        Some(glommio::spawn_local(wal::committer(rt.clone(), s.tail, cfg)))
+    });
     let efd = match sched::init() {
         Ok(fd) => fd,
         Err(e) => {
@@ -244,6 +289,17 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>) {
         c.request_close(crate::broker::conn::CloseReason::Shutdown);
     }
     glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+    if let Some(c) = committer {
+        // The last batch written (and synced) before the process ends.
+        let done = glommio::timer::timeout(std::time::Duration::from_secs(5), async {
+            c.await;
+            Ok(())
+        })
+        .await;
+        if done.is_err() {
+            error!(shard = rt.shard.id, "write-ahead log not flushed within 5 s at shutdown");
+        }
+    }
 }
 
 /// Waits on the eventfd the connection ring signals on every completion

@@ -48,6 +48,7 @@ pub async fn mesh_pump(rt: Rc<Rt>) {
             let mut full = false;
             {
                 let mut st = rt.shard.st.borrow_mut();
+                rt.shard.send_barriers(&mut st);
                 for to in 0..rt.shard.n {
                     if st.outbox[to].is_empty() {
                         continue;

@@ -12,8 +12,9 @@ pub enum Kind {
     Tls = 0,
     Proxy,
     Refused,
+    Storage,
 }
-const KINDS: usize = 3;
+const KINDS: usize = 4;
 const EVERY: Duration = Duration::from_secs(1);
 
 thread_local! {

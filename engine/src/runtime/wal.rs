@@ -1,0 +1,232 @@
+//! The log writer of one shard (group commit): takes everything the shard
+//! appended since the last write (one epoch), writes it to the current
+//! segment with one io_uring write, syncs it (`fsync = always`), reports
+//! the epoch durable, and repeats; a batch builds up while the previous
+//! one is on its way to the disk. It also compacts: once the log has grown
+//! past `log_compact_bytes` and past its last snapshot, the live state is
+//! written as a snapshot into a new segment and the older ones are deleted.
+//!
+//! File I/O goes through glommio (io_uring, or its blocking thread pool
+//! for directory operations): never a blocking call on the shard thread.
+//! A failed write or sync (disk full, I/O error) is retried every second;
+//! meanwhile nothing that depends on it is acknowledged and durable
+//! publishes are refused (`Log::failed`).
+
+use super::Rt;
+use crate::broker::metrics::Metrics;
+use crate::config::{FsyncPolicy, StoreConfig};
+use crate::store::disk::{segment_path, Tail};
+use glommio::io::{BufferedFile, OpenOptions};
+use std::future::poll_fn;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use tracing::{error, info};
+
+/// The segment being appended to.
+struct Segment {
+    dir: PathBuf,
+    seq: u64,
+    file: BufferedFile,
+    pos: u64,
+}
+
+impl Segment {
+    async fn open(dir: PathBuf, seq: u64, pos: u64) -> glommio::Result<Segment, ()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .buffered_open(segment_path(&dir, seq))
+            .await?;
+        Ok(Segment {
+            dir,
+            seq,
+            file,
+            pos,
+        })
+    }
+
+    /// Writes all of `bytes` at the end (short writes continue).
+    async fn append(&mut self, bytes: &[u8]) -> glommio::Result<(), ()> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let n = self
+                .file
+                .write_at(bytes[done..].to_vec(), self.pos + done as u64)
+                .await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            done += n;
+        }
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Syncs a directory (a new segment's name must survive a power loss
+/// before older segments are deleted), off the shard thread.
+async fn sync_dir(dir: PathBuf) -> std::io::Result<()> {
+    glommio::executor()
+        .spawn_blocking(move || std::fs::File::open(&dir).and_then(|f| f.sync_all()))
+        .await
+}
+
+pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
+    let shard = &rt.shard;
+    let mut seg = loop {
+        match Segment::open(tail.dir.clone(), tail.seq, tail.len).await {
+            Ok(s) => break s,
+            Err(e) => {
+                failed(&rt, &format!("cannot open log segment {}: {e}", tail.path().display()));
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let tick = Duration::from_millis(match cfg.fsync {
+        FsyncPolicy::Interval => cfg.fsync_interval_ms.clamp(1, 1000),
+        _ => 100,
+    });
+    let mut unsynced = false;
+    let mut last_sync = Instant::now();
+    loop {
+        if compaction_due(&rt, &cfg) {
+            compact(&rt, &mut seg).await;
+            continue;
+        }
+        // The next epoch, or a tick (interval syncs, shutdown).
+        let job = futures_lite::future::or(
+            poll_fn(|cx| {
+                let mut st = shard.st.borrow_mut();
+                match st.log.as_mut().and_then(|l| l.take(cx.waker())) {
+                    Some(j) => Poll::Ready(Some(j)),
+                    None => Poll::Pending,
+                }
+            }),
+            async {
+                glommio::timer::sleep(tick).await;
+                None
+            },
+        )
+        .await;
+        let Some((bytes, epoch)) = job else {
+            if unsynced && (cfg.fsync == FsyncPolicy::Interval || rt.shutdown.load(Ordering::Acquire)) && last_sync.elapsed() >= tick {
+                if let Err(e) = seg.file.fdatasync().await {
+                    failed(&rt, &format!("log sync failed: {e}"));
+                } else {
+                    unsynced = false;
+                    last_sync = Instant::now();
+                }
+            }
+            let idle = shard.st.borrow().log.as_ref().is_none_or(|l| l.idle());
+            if rt.shutdown.load(Ordering::Acquire) && idle && !unsynced {
+                return;
+            }
+            continue;
+        };
+        let mut r = seg.append(&bytes).await;
+        if r.is_ok() && cfg.fsync == FsyncPolicy::Always {
+            r = seg.file.fdatasync().await;
+        }
+        match r {
+            Ok(()) => {
+                unsynced = cfg.fsync != FsyncPolicy::Always;
+                Metrics::inc(&shard.metrics.log_commits);
+                let m = &shard.metrics.log_bytes;
+                m.set(m.get() + bytes.len() as u64);
+                let recovered = {
+                    let mut st = shard.st.borrow_mut();
+                    match st.log.as_mut() {
+                        Some(log) => {
+                            let was = log.failed;
+                            log.committed(epoch);
+                            was
+                        }
+                        None => false,
+                    }
+                };
+                if recovered {
+                    info!(shard = shard.id, "write-ahead log writable again");
+                }
+                shard.after_commit();
+            }
+            Err(e) => {
+                if let Some(log) = shard.st.borrow_mut().log.as_mut() {
+                    log.write_failed(bytes);
+                }
+                failed(&rt, &format!("log write failed (retrying every second): {e}"));
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn failed(rt: &Rt, what: &str) {
+    Metrics::inc(&rt.shard.metrics.log_write_errors);
+    if let Some(log) = rt.shard.st.borrow_mut().log.as_mut() {
+        log.failed = true;
+    }
+    if let Some(suppressed) = super::ratelog::allow(super::ratelog::Kind::Storage) {
+        error!(shard = rt.shard.id, suppressed, "{what}");
+    }
+}
+
+fn compaction_due(rt: &Rt, cfg: &StoreConfig) -> bool {
+    let st = rt.shard.st.borrow();
+    st.log.as_ref().is_some_and(|l| {
+        l.idle() && !l.failed && l.since_snapshot > cfg.compact_bytes && l.since_snapshot > l.snapshot_len
+    })
+}
+
+/// Writes the live state into a new segment, syncs it, then deletes the
+/// older segments.
+async fn compact(rt: &Rt, seg: &mut Segment) {
+    let shard = &rt.shard;
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let Some(epoch) = shard.compact_into(&mut bytes) else {
+        return;
+    };
+    let new = loop {
+        let r = async {
+            let mut s = Segment::open(seg.dir.clone(), seg.seq + 1, 0).await?;
+            s.append(&bytes).await?;
+            s.file.fdatasync().await?;
+            sync_dir(seg.dir.clone()).await?;
+            Ok::<_, glommio::GlommioError<()>>(s)
+        }
+        .await;
+        match r {
+            Ok(s) => break s,
+            Err(e) => {
+                failed(rt, &format!("log snapshot failed (retrying every second): {e}"));
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let old = std::mem::replace(seg, new);
+    let _ = old.file.close().await;
+    for s in (1..=old.seq).rev() {
+        if glommio::io::remove(segment_path(&old.dir, s)).await.is_err() {
+            break;
+        }
+    }
+    Metrics::inc(&shard.metrics.log_compactions);
+    {
+        let mut st = shard.st.borrow_mut();
+        if let Some(log) = st.log.as_mut() {
+            log.committed(epoch);
+            log.snapshot_len = bytes.len() as u64;
+            log.since_snapshot = 0;
+        }
+    }
+    info!(
+        shard = shard.id,
+        bytes = bytes.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "write-ahead log compacted"
+    );
+    shard.after_commit();
+}
