@@ -97,7 +97,8 @@ class Broker:
             cmd = [self.args.tarta, "--tcp", f"127.0.0.1:{self.port}", "--ws", f"127.0.0.1:{self.ws_port}",
                    "--mqtts", f"127.0.0.1:{self.tls_port}", "--wss", f"127.0.0.1:{self.wss_port}",
                    "--cert", pem, "--key", key,
-                   "--shards", "2", "--no-pin", "--log", "warn", "--sys-interval", "0"]
+                   "--shards", "2", "--no-pin", "--log", "warn", "--sys-interval", "0",
+                   "--data-dir", os.path.join(self.dir, "data")]
         elif self.name == "mosquitto":
             conf = os.path.join(self.dir, "mosquitto.conf")
             with open(conf, "w") as f:

@@ -95,7 +95,15 @@ fn tarta_binary() -> PathBuf {
 
 /// Reads `tarta listening mqtt/KIND ADDR` lines until `tarta started`.
 fn start_tarta(ws: bool) -> Broker {
-    let mut args = vec!["--tcp", "127.0.0.1:0", "--shards", "2", "--no-pin"];
+    // In memory: these tests measure loadgen, and run brokers in parallel.
+    let mut args = vec![
+        "--tcp",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+        "--no-pin",
+        "--no-persistence",
+    ];
     if ws {
         args.extend(["--ws", "127.0.0.1:0"]);
     }

@@ -707,13 +707,13 @@ check_nginx_upgrades() {
 }
 
 # launch_tarta NAME [ARGS...]: starts a broker on free TCP and WebSocket
-# ports (--shards 2 --no-pin --sys-interval 1 ARGS), stdout and stderr in
+# ports (--shards 2 --no-pin --sys-interval 1, its own --data-dir, ARGS), stdout and stderr in
 # $WORK/NAME.{out,err}; sets L_PID, L_TCP, L_WS. Exits if it does not start.
 launch_tarta() {
     local name=$1
     shift
-    "$TARTA" --tcp 127.0.0.1:0 --ws 127.0.0.1:0 --shards 2 --no-pin --sys-interval 1 "$@" \
-        >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    "$TARTA" --tcp 127.0.0.1:0 --ws 127.0.0.1:0 --shards 2 --no-pin --sys-interval 1 \
+        --data-dir "$WORK/$name.data" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     L_PID=$!
     local deadline=$((SECONDS + 15))
     L_TCP= L_WS=
@@ -736,14 +736,15 @@ launch_tarta() {
 
 # ------------------------------------------------------- TLS and PROXY
 
-# start_tarta NAME ARGS...: starts a broker with exactly ARGS, stdout and
+# start_tarta NAME ARGS...: starts a broker with ARGS (and its own data
+# directory), stdout and
 # stderr in $WORK/NAME.{out,err}, and waits (15 s at most) for its `tarta
 # started` line; sets L_PID. On failure it stops the broker, sets WHY and
 # returns 1 (the checks that need it fail; the suite goes on).
 start_tarta() {
     local name=$1
     shift
-    "$TARTA" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    "$TARTA" --data-dir "$WORK/$name.data" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     L_PID=$!
     local deadline=$((SECONDS + 15))
     until grep -q '^tarta started with' "$WORK/$name.out" 2>/dev/null; do

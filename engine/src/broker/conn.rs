@@ -5,9 +5,9 @@
 //! Architecture invariant: nothing here does I/O; the runtime's connection
 //! task drains [`OutQueue`] with vectored sends and watches `close`.
 
+use crate::session::{Delivery, Journal, Outbox};
 use crate::store::log::Log;
 use crate::store::record::Rec;
-use crate::session::{Delivery, Journal, Outbox};
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -639,7 +639,14 @@ impl Outbox for ConnOutbox<'_> {
         match ev {
             // Not gating: after a crash the same packet id goes to the
             // same message again (ids follow from the durable records).
-            Journal::Sent { pid, discarded } => log.append(&Rec::Sent { sid, pid, discarded }, false),
+            Journal::Sent { pid, discarded } => log.append(
+                &Rec::Sent {
+                    sid,
+                    pid,
+                    discarded,
+                },
+                false,
+            ),
             Journal::Ack { pid } => log.append(&Rec::Ack { sid, pid }, false),
             // PUBREL lets the client forget the packet id: only once the
             // broker cannot resend the PUBLISH.

@@ -125,8 +125,9 @@ impl Shard {
         let Some(log) = &mut st.log else { return };
         if !log.barriers.is_empty() {
             let all = std::mem::take(&mut log.barriers);
-            let (done, wait): (Vec<_>, Vec<_>) =
-                all.into_iter().partition(|(epoch, _, _)| !log.blocks(*epoch));
+            let (done, wait): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .partition(|(epoch, _, _)| !log.blocks(*epoch));
             log.barriers = wait;
             for (_, from, seq) in done {
                 self.push_out(st, from, ShardMsg::DurAck(seq));
@@ -182,10 +183,7 @@ impl Shard {
             s.session.max_queued = self.cfg.max_queued_messages;
             s.session.persistent = true;
             s.session.logged = true;
-            let acl = self
-                .acl
-                .as_ref()
-                .map(|a| Box::new(a.for_client(&id, None)));
+            let acl = self.acl.as_ref().map(|a| Box::new(a.for_client(&id, None)));
             let entry = SessionEntry {
                 session: s.session,
                 conn: None,
@@ -213,7 +211,9 @@ impl Shard {
         }
         let sids: Vec<usize> = st.sessions.iter().map(|(sid, _)| sid).collect();
         for sid in sids {
-            let Some(e) = st.sessions.get(sid) else { continue };
+            let Some(e) = st.sessions.get(sid) else {
+                continue;
+            };
             let subs: Vec<_> = e
                 .session
                 .subs
@@ -254,7 +254,9 @@ impl Shard {
         // first tick, once the other shards' routes are known).
         let now = self.now.get();
         for (sid, offline_at, will_delay) in timers {
-            let Some(e) = st.sessions.get(sid) else { continue };
+            let Some(e) = st.sessions.get(sid) else {
+                continue;
+            };
             let generation = e.generation;
             let expiry = e.expiry;
             let gone = if offline_at == 0 {
@@ -268,7 +270,11 @@ impl Shard {
             }
             if expiry != u32::MAX {
                 let left = u64::from(expiry).saturating_sub(gone) + 1;
-                self.at(st, now + left, TimerEvent::SessionExpiry { sid, generation });
+                self.at(
+                    st,
+                    now + left,
+                    TimerEvent::SessionExpiry { sid, generation },
+                );
             }
             if offline_at == 0 {
                 let will = st
@@ -346,7 +352,11 @@ impl Shard {
         let mut expires: HashMap<usize, u64> = HashMap::new();
         for ((at, _), ev) in &st.timers {
             if let TimerEvent::SessionExpiry { sid, generation } = ev {
-                if st.sessions.get(*sid).is_some_and(|e| e.generation == *generation) {
+                if st
+                    .sessions
+                    .get(*sid)
+                    .is_some_and(|e| e.generation == *generation)
+                {
                     expires.insert(*sid, *at);
                 }
             }

@@ -255,7 +255,11 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
         let log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid);
         rt.shard.restore(s.image, &s.retained, log);
         rt.shard.metrics.log_quarantined.set(s.quarantined);
-        Some(glommio::spawn_local(wal::committer(rt.clone(), s.tail, cfg)))
+        Some(glommio::spawn_local(wal::committer(
+            rt.clone(),
+            s.tail,
+            cfg,
+        )))
     });
     let efd = match sched::init() {
         Ok(fd) => fd,
@@ -297,7 +301,10 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
         })
         .await;
         if done.is_err() {
-            error!(shard = rt.shard.id, "write-ahead log not flushed within 5 s at shutdown");
+            error!(
+                shard = rt.shard.id,
+                "write-ahead log not flushed within 5 s at shutdown"
+            );
         }
     }
 }

@@ -80,7 +80,10 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
         match Segment::open(tail.dir.clone(), tail.seq, tail.len).await {
             Ok(s) => break s,
             Err(e) => {
-                failed(&rt, &format!("cannot open log segment {}: {e}", tail.path().display()));
+                failed(
+                    &rt,
+                    &format!("cannot open log segment {}: {e}", tail.path().display()),
+                );
                 glommio::timer::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -112,7 +115,10 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
         )
         .await;
         let Some((bytes, epoch)) = job else {
-            if unsynced && (cfg.fsync == FsyncPolicy::Interval || rt.shutdown.load(Ordering::Acquire)) && last_sync.elapsed() >= tick {
+            if unsynced
+                && (cfg.fsync == FsyncPolicy::Interval || rt.shutdown.load(Ordering::Acquire))
+                && last_sync.elapsed() >= tick
+            {
                 if let Err(e) = seg.file.fdatasync().await {
                     failed(&rt, &format!("log sync failed: {e}"));
                 } else {
@@ -156,7 +162,10 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
                 if let Some(log) = shard.st.borrow_mut().log.as_mut() {
                     log.write_failed(bytes);
                 }
-                failed(&rt, &format!("log write failed (retrying every second): {e}"));
+                failed(
+                    &rt,
+                    &format!("log write failed (retrying every second): {e}"),
+                );
                 glommio::timer::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -176,7 +185,10 @@ fn failed(rt: &Rt, what: &str) {
 fn compaction_due(rt: &Rt, cfg: &StoreConfig) -> bool {
     let st = rt.shard.st.borrow();
     st.log.as_ref().is_some_and(|l| {
-        l.idle() && !l.failed && l.since_snapshot > cfg.compact_bytes && l.since_snapshot > l.snapshot_len
+        l.idle()
+            && !l.failed
+            && l.since_snapshot > cfg.compact_bytes
+            && l.since_snapshot > l.snapshot_len
     })
 }
 
@@ -201,7 +213,10 @@ async fn compact(rt: &Rt, seg: &mut Segment) {
         match r {
             Ok(s) => break s,
             Err(e) => {
-                failed(rt, &format!("log snapshot failed (retrying every second): {e}"));
+                failed(
+                    rt,
+                    &format!("log snapshot failed (retrying every second): {e}"),
+                );
                 glommio::timer::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -209,7 +224,10 @@ async fn compact(rt: &Rt, seg: &mut Segment) {
     let old = std::mem::replace(seg, new);
     let _ = old.file.close().await;
     for s in (1..=old.seq).rev() {
-        if glommio::io::remove(segment_path(&old.dir, s)).await.is_err() {
+        if glommio::io::remove(segment_path(&old.dir, s))
+            .await
+            .is_err()
+        {
             break;
         }
     }

@@ -83,11 +83,12 @@ pub fn scan(buf: &[u8]) -> Scanned {
                 break;
             }
             Err(()) => {
-                let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
-                    as usize;
+                let len =
+                    u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
                 let next = at + HEADER + len;
-                let resync =
-                    len <= MAX_BODY && next < buf.len() && matches!(record::frame(&buf[next..]), Ok(Some(_)));
+                let resync = len <= MAX_BODY
+                    && next < buf.len()
+                    && matches!(record::frame(&buf[next..]), Ok(Some(_)));
                 if !resync {
                     s.bad_tail = true;
                     break;
@@ -144,7 +145,9 @@ fn generations(data: &Path) -> Result<Vec<(u64, usize)>, String> {
             .and_then(|v| v.trim().parse::<usize>().ok());
         match shards {
             Some(n) if n > 0 => gens.push((g, n)),
-            _ => warn!(dir = %e.path().display(), "log generation without a valid meta file: ignored"),
+            _ => {
+                warn!(dir = %e.path().display(), "log generation without a valid meta file: ignored")
+            }
         }
     }
     gens.sort();
@@ -188,7 +191,10 @@ pub fn open(data: &Path, n: usize, epoch_unix: u64) -> Result<Opened, String> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("recovery thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("recovery thread panicked".into()))
+            })
             .collect()
     });
     let mut recovered = Vec::with_capacity(old_n);
@@ -219,7 +225,11 @@ pub fn open(data: &Path, n: usize, epoch_unix: u64) -> Result<Opened, String> {
     }
     // Re-home everything for `n` shards and write it as a new generation.
     if old_n != n {
-        info!(from = old_n, to = n, "shard count changed: rewriting the logs");
+        info!(
+            from = old_n,
+            to = n,
+            "shard count changed: rewriting the logs"
+        );
     } else {
         warn!("records were lost to corruption: rewriting the logs from what was recovered");
     }
@@ -255,7 +265,8 @@ fn write_generation(
     images: &mut [Image],
     epoch_unix: u64,
 ) -> Result<Vec<Tail>, String> {
-    let err = |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
+    let err =
+        |what: &str, p: &Path, e: std::io::Error| format!("cannot {what} {}: {e}", p.display());
     let tmp = data.join(format!("log-{g}.tmp"));
     let _ = fs::remove_dir_all(&tmp);
     let mut tails = Vec::new();
@@ -326,13 +337,23 @@ fn quarantine(path: &Path, qdir: &Path, g: u64, shard: usize, seq: u64, why: &st
     let _ = fs::create_dir_all(qdir);
     let to = qdir.join(format!("log-{g}-shard-{shard}-{seq:016x}.wal"));
     match fs::rename(path, &to) {
-        Ok(()) => error!(segment = %path.display(), moved_to = %to.display(), "log segment quarantined: {why}"),
-        Err(e) => error!(segment = %path.display(), "log segment could not be quarantined ({e}): {why}"),
+        Ok(()) => {
+            error!(segment = %path.display(), moved_to = %to.display(), "log segment quarantined: {why}")
+        }
+        Err(e) => {
+            error!(segment = %path.display(), "log segment could not be quarantined ({e}): {why}")
+        }
     }
 }
 
 /// Recovers one shard's log: replays from its newest complete snapshot.
-fn recover_shard(dir: &Path, qdir: &Path, g: u64, shard: usize, epoch_unix: u64) -> Result<Recovered, String> {
+fn recover_shard(
+    dir: &Path,
+    qdir: &Path,
+    g: u64,
+    shard: usize,
+    epoch_unix: u64,
+) -> Result<Recovered, String> {
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let seqs = segments(dir);
     let mut quarantined = 0;
@@ -399,14 +420,21 @@ fn recover_shard(dir: &Path, qdir: &Path, g: u64, shard: usize, epoch_unix: u64)
     }
     let image = replay.finish();
     if image.orphans > 0 {
-        warn!(shard, records = image.orphans, "log records referring to lost sessions or messages were ignored");
+        warn!(
+            shard,
+            records = image.orphans,
+            "log records referring to lost sessions or messages were ignored"
+        );
     }
     if corrupt > 0 {
         // Keep a copy of what was damaged for inspection.
         for (seq, _) in &loaded {
             let p = segment_path(dir, *seq);
             let _ = fs::create_dir_all(qdir);
-            let _ = fs::copy(&p, qdir.join(format!("log-{g}-shard-{shard}-{seq:016x}.wal")));
+            let _ = fs::copy(
+                &p,
+                qdir.join(format!("log-{g}-shard-{shard}-{seq:016x}.wal")),
+            );
         }
         quarantined += 1;
     }
@@ -414,9 +442,22 @@ fn recover_shard(dir: &Path, qdir: &Path, g: u64, shard: usize, epoch_unix: u64)
         Some((seq, _)) => {
             let path = segment_path(dir, *seq);
             let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            Tail { dir: dir.to_path_buf(), seq: *seq, len }
+            Tail {
+                dir: dir.to_path_buf(),
+                seq: *seq,
+                len,
+            }
         }
-        None => Tail { dir: dir.to_path_buf(), seq: seqs.last().copied().unwrap_or(0) + 1, len: 0 },
+        None => Tail {
+            dir: dir.to_path_buf(),
+            seq: seqs.last().copied().unwrap_or(0) + 1,
+            len: 0,
+        },
     };
-    Ok(Recovered { image, tail, quarantined, corrupt })
+    Ok(Recovered {
+        image,
+        tail,
+        quarantined,
+        corrupt,
+    })
 }

@@ -26,6 +26,8 @@ pub mod log;
 pub mod record;
 pub mod replay;
 pub mod snapshot;
+#[cfg(test)]
+mod tests;
 
 /// Seconds since the Unix epoch (the wall clock, for times stored on disk).
 pub fn unix_now() -> u64 {
