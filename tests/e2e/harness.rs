@@ -57,9 +57,7 @@ impl Broker {
             // is locked by whichever broker opens it first).
             cmd.arg("--data-dir").arg(dir.join("data"));
         }
-        cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(stderr));
         let mut child = cmd.spawn().expect("start tarta");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
@@ -329,6 +327,16 @@ impl Raw {
         }
     }
 
+    /// The next packet within `d` (None: nothing, or closed).
+    pub fn recv_timeout(&mut self, d: Duration) -> Option<Packet> {
+        self.s.set_read_timeout(Some(d)).unwrap();
+        let p = self.recv();
+        self.s
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        p
+    }
+
     /// Reads until the server closes; returns the packets seen and whether
     /// it did close within `within`.
     pub fn until_closed(&mut self, within: Duration) -> (Vec<Packet>, bool) {
@@ -594,4 +602,120 @@ pub fn drain(c: &mut dyn Mq, quiet: Duration) -> Vec<Packet> {
     }
     c.set_timeout(Duration::from_secs(10));
     v
+}
+
+// ---------------------------------------------------------------- restarts
+
+/// A temporary directory, removed on drop unless the test is failing (then
+/// it is kept, and its path printed, for the post-mortem).
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "tarta-e2e-{tag}-{}-{}",
+            std::process::id(),
+            rand_u64()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} (test failed)", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Broker {
+    /// Starts the tarta binary with exactly `args` (none of the standard
+    /// test flags), its stderr appended to `log`, and waits for `tarta
+    /// started`. An error (with the end of the log) if it exits first or
+    /// has not started within `within`.
+    pub fn try_start_args(
+        args: &[String],
+        log: &std::path::Path,
+        within: Duration,
+    ) -> Result<Broker, String> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let _ = writeln!(f, "=== tarta {}", args.join(" "));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tarta"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(f))
+            .spawn()
+            .map_err(|e| format!("cannot start tarta: {e}"))?;
+        let stdout = child.stdout.take().unwrap();
+        // Lines go through a channel so that waiting for them has a
+        // deadline; the thread keeps draining stdout afterwards.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + within;
+        let mut listeners = Vec::new();
+        let failed = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("tarta listening mqtt/") {
+                        if let Some((kind, addr)) = rest.split_once(' ') {
+                            if let Some(Ok(port)) = addr.rsplit(':').next().map(str::parse) {
+                                listeners.push((kind.to_string(), port));
+                            }
+                        }
+                    }
+                    if line.starts_with("tarta started") {
+                        break None;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    break Some(format!("tarta did not start within {within:?}"));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    break Some("tarta exited before `tarta started`".to_string());
+                }
+            }
+        };
+        if let Some(why) = failed {
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            return Err(format!("{why} ({status}); its stderr ends with:\n{tail}"));
+        }
+        let first = |k: &str| {
+            listeners
+                .iter()
+                .find(|(kind, _)| kind == k)
+                .map_or(0, |l| l.1)
+        };
+        let (port, ws_port) = (first("tcp"), first("ws"));
+        Ok(Broker {
+            child,
+            port,
+            ws_port,
+            listeners,
+            stderr_path: log.to_path_buf(),
+        })
+    }
+
+    /// SIGKILL (no shutdown of any kind), then reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

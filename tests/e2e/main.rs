@@ -11,6 +11,7 @@ mod errors;
 mod ops;
 mod pubsub;
 mod sessions;
+mod storage;
 mod tls;
 mod v5;
 mod ws;

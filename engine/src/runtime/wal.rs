@@ -146,7 +146,7 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
                     let mut st = shard.st.borrow_mut();
                     match st.log.as_mut() {
                         Some(log) => {
-                            let was = log.failed;
+                            let was = log.failed();
                             log.committed(epoch);
                             was
                         }
@@ -175,7 +175,7 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
 fn failed(rt: &Rt, what: &str) {
     Metrics::inc(&rt.shard.metrics.log_write_errors);
     if let Some(log) = rt.shard.st.borrow_mut().log.as_mut() {
-        log.failed = true;
+        log.set_failed(true);
     }
     if let Some(suppressed) = super::ratelog::allow(super::ratelog::Kind::Storage) {
         error!(shard = rt.shard.id, suppressed, "{what}");
@@ -186,7 +186,7 @@ fn compaction_due(rt: &Rt, cfg: &StoreConfig) -> bool {
     let st = rt.shard.st.borrow();
     st.log.as_ref().is_some_and(|l| {
         l.idle()
-            && !l.failed
+            && !l.failed()
             && l.since_snapshot > cfg.compact_bytes
             && l.since_snapshot > l.snapshot_len
     })

@@ -10,7 +10,7 @@
 //! `log-G.tmp`, syncs it and renames it to `log-G`, then removes the older
 //! generation, so a crash at any point leaves one complete generation.
 
-use super::record::{self, Rec, HEADER, MAX_BODY};
+use super::record::{self, Frame, Rec, HEADER, MAX_BODY};
 use super::replay::{Image, Replay};
 use super::snapshot::SnapWriter;
 use crate::broker::home_shard;
@@ -70,25 +70,25 @@ pub fn scan(buf: &[u8]) -> Scanned {
     let mut at = 0;
     while at < buf.len() {
         match record::frame(&buf[at..]) {
-            Ok(Some((ty, body, n))) => {
+            Frame::Whole { ty, body, len } => {
                 match record::decode(ty, body) {
                     Ok(rec) => s.recs.push(rec),
                     Err(_) => s.corrupt += 1,
                 }
-                at += n;
+                at += len;
                 s.good_len = at;
             }
-            Ok(None) => {
+            Frame::Short => {
                 s.bad_tail = true;
                 break;
             }
-            Err(()) => {
+            Frame::Bad => {
                 let len =
                     u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
                 let next = at + HEADER + len;
                 let resync = len <= MAX_BODY
                     && next < buf.len()
-                    && matches!(record::frame(&buf[next..]), Ok(Some(_)));
+                    && matches!(record::frame(&buf[next..]), Frame::Whole { .. });
                 if !resync {
                     s.bad_tail = true;
                     break;

@@ -13,8 +13,18 @@
 
 use super::record::{self, Rec};
 use crate::session::Message;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
+
+/// Shards whose log cannot be written right now. A durable publish is
+/// refused on every shard meanwhile: its destinations may be anywhere.
+static FAILED_LOGS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether any shard's log is failing (disk full, I/O errors).
+pub fn any_failed() -> bool {
+    FAILED_LOGS.load(Ordering::Relaxed) > 0
+}
 use tarta_proto::mqtt::Publish;
 
 pub struct Log {
@@ -26,8 +36,8 @@ pub struct Log {
     /// An epoch (`open - 1`) is being written.
     committing: bool,
     /// The last write failed (disk full, I/O error): durable publishes are
-    /// refused until a retry succeeds.
-    pub failed: bool,
+    /// refused until a retry succeeds (`set_failed`).
+    failed: bool,
     /// Appends that gate the connection they were made for.
     gating: u64,
     next_mid: u64,
@@ -189,7 +199,22 @@ impl Log {
     pub fn committed(&mut self, epoch: u32) {
         self.durable = epoch;
         self.committing = false;
-        self.failed = false;
+        self.set_failed(false);
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    pub fn set_failed(&mut self, failed: bool) {
+        if failed != self.failed {
+            self.failed = failed;
+            if failed {
+                FAILED_LOGS.fetch_add(1, Ordering::Relaxed);
+            } else {
+                FAILED_LOGS.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The epoch's write failed: its bytes go back in front of what was
@@ -200,7 +225,7 @@ impl Log {
         bytes.extend_from_slice(&self.buf);
         self.buf = bytes;
         self.committing = false;
-        self.failed = true;
+        self.set_failed(true);
     }
 
     /// Takes everything appended, for a snapshot's new segment.
@@ -254,10 +279,10 @@ mod tests {
         // A failed write keeps everything gated and goes again.
         let (bytes, _) = log.take(w).unwrap_or_default();
         log.write_failed(bytes);
-        assert!(log.failed && log.blocks(g2));
+        assert!(log.failed() && log.blocks(g2));
         let (_, e) = log.take(w).unwrap_or_default();
         log.committed(e);
-        assert!(!log.blocks(g2) && !log.failed);
+        assert!(!log.blocks(g2) && !log.failed());
         // Wrapping epochs.
         log.open = u32::MAX;
         log.durable = u32::MAX - 1;

@@ -10,7 +10,7 @@
 //! (`Msg`, numbered by `mid`) and referred to by every queue that holds
 //! them.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tarta_proto::mqtt::{self, Packet, Properties, Protocol, Publish, QoS, SubOptions, Will};
 use tarta_proto::ByteStr;
 
@@ -478,36 +478,44 @@ pub fn decode(ty: u8, body: &[u8]) -> Result<Rec, BadRecord> {
     Ok(rec)
 }
 
-/// A frame at the start of `buf`: `Ok(Some((type, body, frame length)))`,
-/// `Ok(None)` if `buf` ends before the frame does, `Err` if it is not a
-/// frame (bad length or checksum).
-pub fn frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, ()> {
+/// What the bytes at some offset of a segment are.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A checked frame: its type, body and length (header included).
+    Whole { ty: u8, body: &'a [u8], len: usize },
+    /// The bytes end before the frame does.
+    Short,
+    /// Not a frame: a length out of range or a checksum that fails.
+    Bad,
+}
+
+/// The frame at the start of `buf`.
+pub fn frame(buf: &[u8]) -> Frame<'_> {
     if buf.len() < HEADER {
-        return Ok(None);
+        return Frame::Short;
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > MAX_BODY {
-        return Err(());
+        return Frame::Bad;
     }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     if buf.len() < HEADER + len {
-        return Ok(None);
+        return Frame::Short;
     }
-    let covered = &buf[8..HEADER + len];
-    if crc32c::crc32c(covered) != crc {
-        return Err(());
+    if crc32c::crc32c(&buf[8..HEADER + len]) != crc {
+        return Frame::Bad;
     }
-    Ok(Some((buf[8], &buf[HEADER..HEADER + len], HEADER + len)))
-}
-
-/// The payload of a message record as `Bytes` (tests and tools).
-pub fn payload(p: &Publish) -> &Bytes {
-    &p.payload
+    Frame::Whole {
+        ty: buf[8],
+        body: &buf[HEADER..HEADER + len],
+        len: HEADER + len,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn publish(topic: &str, payload: &'static [u8], qos: QoS) -> Publish {
         Publish {
@@ -595,7 +603,7 @@ mod tests {
         for rec in samples() {
             let mut buf = Vec::new();
             encode(&rec, &mut buf);
-            let Ok(Some((ty, body, n))) = frame(&buf) else {
+            let Frame::Whole { ty, body, len: n } = frame(&buf) else {
                 panic!("no frame for {rec:?}");
             };
             assert_eq!(n, buf.len());
@@ -610,8 +618,8 @@ mod tests {
         for i in 4..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x10;
-            assert!(frame(&bad).is_err(), "byte {i}");
+            assert_eq!(frame(&bad), Frame::Bad, "byte {i}");
         }
-        assert_eq!(frame(&buf[..buf.len() - 1]), Ok(None), "incomplete");
+        assert_eq!(frame(&buf[..buf.len() - 1]), Frame::Short, "incomplete");
     }
 }

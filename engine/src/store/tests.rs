@@ -272,7 +272,8 @@ fn one_damaged_record_is_skipped_and_the_rest_recovered() {
         let mut bounds = vec![0];
         let mut at = 0;
         while at < log.len() {
-            let Ok(Some((_, _, n))) = super::record::frame(&log[at..]) else {
+            let super::record::Frame::Whole { len: n, .. } = super::record::frame(&log[at..])
+            else {
                 return TestResult::error("bad frame in a clean log");
             };
             at += n;
