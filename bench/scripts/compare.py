@@ -93,13 +93,16 @@ class Broker:
         log = open(os.path.join(self.dir, "log"), "w")
         c = certs()
         pem, key = os.path.join(c, "server.pem"), os.path.join(c, "server.key")
-        if self.name == "tarta":
+        if self.name.startswith("tarta"):
             cmd = [self.args.tarta, "--tcp", f"127.0.0.1:{self.port}", "--ws", f"127.0.0.1:{self.ws_port}",
                    "--mqtts", f"127.0.0.1:{self.tls_port}", "--wss", f"127.0.0.1:{self.wss_port}",
                    "--cert", pem, "--key", key,
                    "--shards", "2", "--no-pin", "--log", "warn", "--sys-interval", "0",
                    "--data-dir", os.path.join(self.dir, "data")]
-        elif self.name == "mosquitto":
+            # Variants: tarta-mem (no persistence), tarta-interval / tarta-never (fsync policy).
+            cmd += {"tarta-mem": ["--no-persistence"], "tarta-interval": ["--fsync", "interval"],
+                    "tarta-never": ["--fsync", "never"]}.get(self.name, [])
+        elif self.name.startswith("mosquitto"):
             conf = os.path.join(self.dir, "mosquitto.conf")
             with open(conf, "w") as f:
                 # user root: as root, Mosquitto would switch to its own user, which
@@ -109,6 +112,10 @@ class Broker:
                         f"listener {self.tls_port} 127.0.0.1\ncertfile {pem}\nkeyfile {key}\n"
                         f"listener {self.wss_port} 127.0.0.1\nprotocol websockets\nsocket_domain ipv4\n"
                         f"certfile {pem}\nkeyfile {key}\n")
+                if self.name == "mosquitto-persist":
+                    # Mosquitto's strongest setting: write its database after every change.
+                    f.write(f"persistence true\npersistence_location {self.dir}/\n"
+                            "autosave_on_changes true\nautosave_interval 1\n")
             cmd = [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", conf]
         else:
             conf = os.path.join(self.dir, "rumqttd.toml")
@@ -200,6 +207,13 @@ def scenarios(quick):
         procs = "2" if int(n) > 15000 else "1"
         s.append((f"RSS per idle connection ({n})", "conn", ["-n", n, "--procs", procs, "--duration", "2", "--connect-rate", "5000"],
                   ["broker_rss_per_connection_b"], None, True, "tcp"))
+    # Durability: QoS 1 between persistent sessions, Tarta with its log
+    # (fsync always, the default) against itself in memory and Mosquitto
+    # with and without its persistence.
+    dur = ["tarta", "tarta-mem", "tarta-interval", "mosquitto", "mosquitto-persist"]
+    s.append(("QoS 1 pairs, persistent sessions (10, max rate, 64 B)", "pairs",
+              base + ["-n", "10", "--rate", "0", "--qos", "1", "--clean-session", "false"],
+              ["delivered_per_s", "msgs_per_broker_cpu_s", "latency_us.p50"], dur, False, "tcp"))
     # TLS (Tarta and Mosquitto: rumqttd is not configured for TLS here).
     tm = ["tarta", "mosquitto"]
     s += [

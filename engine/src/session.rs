@@ -29,6 +29,9 @@ pub struct Message {
     /// MQTT 5 Message Expiry: the broker second (shared clock of all
     /// shards) after which the message is no longer delivered.
     pub expires_at: Option<u64>,
+    /// A QoS 2 message accepted from a persistent session: its identity,
+    /// so that routing it again after a crash delivers it once (0: none).
+    pub uid: u64,
 }
 
 /// One message on its way to one session.
@@ -437,6 +440,7 @@ mod tests {
                 properties: Properties::default(),
                 origin: None,
                 expires_at: None,
+                uid: 0,
             }),
             qos,
             retain: false,

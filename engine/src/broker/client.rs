@@ -525,8 +525,12 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             new && allowed
         }
     };
+    // Exactly once across a crash: the id is known until PUBREL, and the
+    // message is routed only once the id and the message are durable here
+    // (`Shard::hold_qos2`), so that either both the PUBREC's promise and
+    // the message exist after a crash, or neither.
+    let logged = in2 && st.log.is_some() && st.sessions.get(sid).is_some_and(|e| e.session.logged);
     if in2 {
-        // Exactly once across a crash: the id is known until PUBREL.
         let rec = Rec::In2 {
             sid: sid as u32,
             pid: p.packet_id,
@@ -548,8 +552,13 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             properties,
             origin: Some((shard.id as u16, sid)),
             expires_at,
+            uid: if logged { shard.new_uid(st) } else { 0 },
         });
-        shard.route(st, msg);
+        if logged {
+            shard.hold_qos2(st, msg);
+        } else {
+            shard.route(st, msg);
+        }
     }
     Flow::Continue
 }

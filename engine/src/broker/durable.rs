@@ -86,6 +86,7 @@ impl Shard {
         if lag_new < lag_old {
             st.dur_acked[from] = seq;
         }
+        self.confirm_routed(st);
         self.wake_gated();
     }
 
@@ -101,9 +102,12 @@ impl Shard {
         let Some(log) = &st.log else {
             return false;
         };
-        if log.blocks(conn.gate.get()) {
-            return true;
-        }
+        log.blocks(conn.gate.get()) || self.barrier_blocks(&st, conn.barrier.get())
+    }
+
+    /// Whether durability barrier `b` (its low 16 bits) is still waiting
+    /// for another shard's answer.
+    fn barrier_blocks(&self, st: &State, b: u16) -> bool {
         // The other shard furthest behind.
         let Some(min) = (0..self.n)
             .filter(|j| *j != self.id)
@@ -114,14 +118,95 @@ impl Shard {
         };
         let top = st.dur_issued.wrapping_add(u32::from(st.dur_want)) as u16;
         let min = min as u16;
-        conn.barrier.get().wrapping_sub(min).wrapping_sub(1) < top.wrapping_sub(min)
+        b.wrapping_sub(min).wrapping_sub(1) < top.wrapping_sub(min)
     }
 
-    /// The log committed an epoch: answer the barriers it satisfies and let
-    /// gated connections write.
+    /// A fresh identity for a QoS 2 message (`Message::uid`).
+    pub(super) fn new_uid(&self, st: &mut State) -> u64 {
+        if st.next_uid == 0 {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(self.id);
+            h.write_u64(crate::store::unix_now());
+            st.next_uid = h.finish() | 1;
+        }
+        let uid = st.next_uid;
+        st.next_uid = st.next_uid.wrapping_add(2);
+        uid
+    }
+
+    /// A QoS 2 message from a persistent session: logged with its
+    /// identity, routed once that is durable (`after_commit`); until a
+    /// `Routed` record, a restart routes it again, and shards that already
+    /// queued it (by identity) do not queue it twice.
+    pub(super) fn hold_qos2(&self, st: &mut State, msg: Arc<Message>) {
+        let Some(log) = st.log.as_mut() else {
+            self.route(st, msg);
+            return;
+        };
+        let mid = log.message(&msg);
+        log.append(&Rec::Held { mid }, true);
+        let epoch = log.gate();
+        st.held2.push((epoch, msg));
+    }
+
+    /// Routes held QoS 2 messages (after their commit, or again after a
+    /// restart); each is recorded `Routed` once every log it reached has
+    /// made it durable (`confirm_routed`).
+    pub(super) fn reroute(&self, st: &mut State, msgs: Vec<Arc<Message>>) {
+        for msg in msgs {
+            let reqs = st.dur_reqs;
+            self.route(st, msg.clone());
+            let Some(log) = st.log.as_ref() else { continue };
+            let epoch = log.gate();
+            let barrier = if st.dur_reqs != reqs {
+                st.dur_issued.wrapping_add(1) as u16
+            } else {
+                0
+            };
+            st.routed2.push((epoch, barrier, msg));
+        }
+        self.confirm_routed(st);
+    }
+
+    /// Logs `Routed` for the QoS 2 messages whose deliveries are durable
+    /// everywhere (until then a restart routes them again).
+    fn confirm_routed(&self, st: &mut State) {
+        if st.routed2.is_empty() {
+            return;
+        }
+        let all = std::mem::take(&mut st.routed2);
+        for (epoch, barrier, msg) in all {
+            let waiting = st.log.as_ref().is_some_and(|l| l.blocks(epoch))
+                || self.barrier_blocks(st, barrier);
+            if waiting {
+                st.routed2.push((epoch, barrier, msg));
+            } else if let Some(log) = st.log.as_mut() {
+                log.append(&Rec::Routed { uid: msg.uid }, false);
+            }
+        }
+    }
+
+    /// The log committed an epoch: route the QoS 2 messages it held, answer
+    /// the barriers it satisfies and let gated connections write.
     pub fn after_commit(&self) {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
+        if let Some(log) = &st.log {
+            if st.held2.first().is_some_and(|(e, _)| !log.blocks(*e)) {
+                let all = std::mem::take(&mut st.held2);
+                let mut ready = Vec::new();
+                for (epoch, msg) in all {
+                    if st.log.as_ref().is_some_and(|l| l.blocks(epoch)) {
+                        st.held2.push((epoch, msg));
+                    } else {
+                        ready.push(msg);
+                    }
+                }
+                self.reroute(st, ready);
+            }
+        }
+        self.confirm_routed(st);
         let Some(log) = &mut st.log else { return };
         if !log.barriers.is_empty() {
             let all = std::mem::take(&mut log.barriers);
@@ -167,11 +252,12 @@ impl Shard {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         let now_unix = crate::store::unix_now();
-        let epoch_unix = log.epoch_unix;
         st.log = Some(log);
         for m in retained {
             st.retained.set(m);
         }
+        st.seen_uids = img.seen;
+        let reroute = img.reroute;
         let mut entries = Vec::new();
         for mut s in img.sessions {
             let id = s.session.client_id.clone();
@@ -284,7 +370,22 @@ impl Shard {
                 self.log_session(st, sid, now_unix.max(1), will.as_ref());
             }
         }
-        let _ = epoch_unix;
+        if !reroute.is_empty() {
+            if self.n == 1 {
+                self.reroute(st, reroute);
+            } else {
+                // Routed again once every other shard has sent its routes
+                // (their route changes precede their answer to this barrier).
+                st.route_seq += 1;
+                let seq = st.route_seq;
+                for to in 0..self.n {
+                    if to != self.id {
+                        self.push_out(st, to, ShardMsg::RouteBarrier(seq));
+                    }
+                }
+                st.reroute = Some((seq, reroute));
+            }
+        }
     }
 
     /// Appends a persistent session's record (gating: CONNACK and the
@@ -386,6 +487,19 @@ impl Shard {
                 w.retained(m);
             }
         });
+        for m in st
+            .held2
+            .iter()
+            .map(|h| &h.1)
+            .chain(st.routed2.iter().map(|r| &r.2))
+        {
+            w.held(m);
+        }
+        if let Some((_, msgs)) = &st.reroute {
+            for m in msgs {
+                w.held(m);
+            }
+        }
         let next = w.end();
         if let Some(log) = st.log.as_mut() {
             log.snapshot_done(next);

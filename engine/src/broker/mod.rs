@@ -219,6 +219,18 @@ pub struct State {
     dur_want: bool,
     /// Barriers asked for so far (a packet that asked gates its connection).
     dur_reqs: u64,
+    /// QoS 2 messages from persistent sessions, routed once their log
+    /// epoch is durable: (epoch, message, its id in the log).
+    held2: Vec<(u32, Arc<Message>)>,
+    /// Routed QoS 2 messages waiting for their destinations' logs (this
+    /// shard's epoch, the durability barrier) before `Routed` is logged.
+    routed2: Vec<(u32, u16, Arc<Message>)>,
+    /// After a restart: messages to route again once the other shards'
+    /// routes are known (route barrier number), and the identities of the
+    /// QoS 2 messages already queued here (not queued twice).
+    reroute: Option<(u64, Vec<Arc<Message>>)>,
+    seen_uids: std::collections::HashSet<u64>,
+    next_uid: u64,
     dur_acked: Vec<u32>,
 }
 
@@ -280,6 +292,11 @@ impl Shard {
                 dur_issued: 0,
                 dur_want: false,
                 dur_reqs: 0,
+                held2: Vec::new(),
+                routed2: Vec::new(),
+                reroute: None,
+                seen_uids: Default::default(),
+                next_uid: 0,
                 dur_acked: vec![0; n],
             }),
             metrics: Metrics::default(),
@@ -529,6 +546,10 @@ impl Shard {
     /// Hands one delivery to a session; `check_acl` asks for a per-message
     /// read check (the subscription's filter overlaps a deny rule).
     pub fn deliver_to(&self, st: &mut State, sid: usize, d: Delivery, check_acl: bool) {
+        if d.msg.uid != 0 && st.seen_uids.contains(&d.msg.uid) {
+            // Routed again after a crash: already in this shard's queues.
+            return;
+        }
         let Some(entry) = st.sessions.get_mut(sid) else {
             return;
         };
@@ -732,6 +753,15 @@ impl Shard {
 
     fn release_held(&self, st: &mut State) {
         let min_acked = self.min_acked(st);
+        if st
+            .reroute
+            .as_ref()
+            .is_some_and(|(seq, _)| *seq <= min_acked)
+        {
+            if let Some((_, msgs)) = st.reroute.take() {
+                self.reroute(st, msgs);
+            }
+        }
         if st.held.iter().all(|h| h.seq > min_acked) {
             return;
         }

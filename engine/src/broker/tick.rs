@@ -86,6 +86,7 @@ impl Shard {
             properties,
             origin: None,
             expires_at,
+            uid: 0,
         });
         self.route(st, msg);
     }
@@ -97,6 +98,11 @@ impl Shard {
         let mut due = Vec::new();
         let mut st = self.st.borrow_mut();
         self.run_timers(&mut st, now);
+        if now >= 60 && !st.seen_uids.is_empty() {
+            // Other shards routed again what they held within the first
+            // seconds after the restart: nothing more to recognise.
+            st.seen_uids = Default::default();
+        }
         for w in std::mem::take(&mut st.fresh) {
             match w.upgrade() {
                 Some(c) if c.wheel_at().is_none() && !c.is_closing() => self.schedule(&mut st, &c),
@@ -144,6 +150,7 @@ impl Shard {
                 properties: Default::default(),
                 origin: None,
                 expires_at: None,
+                uid: 0,
             });
             self.route(&mut st, msg);
         }

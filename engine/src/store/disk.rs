@@ -242,6 +242,11 @@ pub fn open(data: &Path, n: usize, epoch_unix: u64) -> Result<Opened, String> {
         for m in r.image.retained {
             images[home_shard(&m.topic, n)].retained.push(m);
         }
+        // Any shard can route them; every shard may hold their queue entries.
+        images[0].reroute.extend(r.image.reroute);
+        for img in &mut images {
+            img.seen.extend(r.image.seen.iter().copied());
+        }
         for img in &mut images {
             img.next_mid = img.next_mid.max(next_mid);
         }
@@ -255,6 +260,16 @@ pub fn open(data: &Path, n: usize, epoch_unix: u64) -> Result<Opened, String> {
         corrupt_records: corrupt,
         lock,
     })
+}
+
+/// Creates a data directory holding `images` (one per shard, each homed
+/// by `home_shard`): tools and benchmarks that need a large stored state.
+pub fn create(data: &Path, images: &mut [Image], epoch_unix: u64) -> Result<(), String> {
+    fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+    if !generations(data)?.is_empty() {
+        return Err(format!("{} already holds logs", data.display()));
+    }
+    write_generation(data, 1, images, epoch_unix).map(|_| ())
 }
 
 /// Writes generation `g`: one snapshot segment per shard, synced, then
@@ -283,6 +298,9 @@ fn write_generation(
         }
         for m in &img.retained {
             w.retained(m);
+        }
+        for m in &img.reroute {
+            w.held(m);
         }
         w.end();
         let path = segment_path(&dir, 1);

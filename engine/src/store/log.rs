@@ -239,6 +239,7 @@ pub fn message_record(msg: &Message, mid: u64, epoch_unix: u64) -> Rec {
     Rec::Msg {
         mid,
         expires: msg.expires_at.map_or(0, |s| epoch_unix + s),
+        uid: msg.uid,
         publish: Publish {
             dup: false,
             qos: msg.qos,

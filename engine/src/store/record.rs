@@ -50,11 +50,23 @@ pub enum Rec {
         sid: u32,
         filter: ByteStr,
     },
-    /// A message, referred to by `mid`. `expires`: unix second (0: never).
+    /// A message, referred to by `mid`. `expires`: unix second (0: never);
+    /// `uid`: see `Message::uid`.
     Msg {
         mid: u64,
         expires: u64,
+        uid: u64,
         publish: Publish,
+    },
+    /// A QoS 2 message accepted from a persistent session, to be routed
+    /// once this record is durable (and again after a crash, until
+    /// `Routed`).
+    Held {
+        mid: u64,
+    },
+    /// The held message with this identity (`Message::uid`) was routed.
+    Routed {
+        uid: u64,
     },
     /// A delivery joins the back of the session's queue.
     Enq {
@@ -129,6 +141,8 @@ const T_IN2_REL: u8 = 14;
 const T_NEXT_PID: u8 = 15;
 const T_RETAIN: u8 = 16;
 const T_RETAIN_DEL: u8 = 17;
+const T_HELD: u8 = 18;
+const T_ROUTED: u8 = 19;
 
 /// Appends one framed record to `out`.
 pub fn encode(rec: &Rec, out: &mut Vec<u8>) {
@@ -225,12 +239,22 @@ fn body(rec: &Rec, out: &mut Vec<u8>) -> u8 {
         Rec::Msg {
             mid,
             expires,
+            uid,
             publish,
         } => {
             put_u64(out, *mid);
             put_u64(out, *expires);
+            put_u64(out, *uid);
             put_publish(out, publish);
             T_MSG
+        }
+        Rec::Held { mid } => {
+            put_u64(out, *mid);
+            T_HELD
+        }
+        Rec::Routed { uid } => {
+            put_u64(out, *uid);
+            T_ROUTED
         }
         Rec::Enq {
             sid,
@@ -422,8 +446,11 @@ pub fn decode(ty: u8, body: &[u8]) -> Result<Rec, BadRecord> {
         T_MSG => Rec::Msg {
             mid: r.u64()?,
             expires: r.u64()?,
+            uid: r.u64()?,
             publish: r.publish()?,
         },
+        T_HELD => Rec::Held { mid: r.u64()? },
+        T_ROUTED => Rec::Routed { uid: r.u64()? },
         T_ENQ => {
             let sid = r.u32()?;
             let mid = r.u64()?;
@@ -564,6 +591,7 @@ mod tests {
             Rec::Msg {
                 mid: 1,
                 expires: 0,
+                uid: 99,
                 publish: publish("a/b/c", b"hello", QoS::ExactlyOnce),
             },
             Rec::Enq {
@@ -590,6 +618,8 @@ mod tests {
             Rec::Unshare { sid: 3 },
             Rec::NextPid { sid: 3, pid: 4 },
             Rec::Retain { mid: 1 },
+            Rec::Held { mid: 1 },
+            Rec::Routed { uid: 99 },
             Rec::RetainDel {
                 topic: "a/b/c".into(),
             },

@@ -4,7 +4,7 @@
 
 use super::record::Rec;
 use crate::session::{Delivery, Message, Session};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tarta_proto::mqtt::{Publish, Will};
 use tarta_proto::ByteStr;
@@ -31,12 +31,20 @@ pub struct Image {
     /// Records that referred to a session or message the log did not have
     /// (after a corrupt record was skipped).
     pub orphans: u64,
+    /// QoS 2 messages accepted but maybe not routed (`Held`, no `Routed`):
+    /// routed again after the restart.
+    pub reroute: Vec<Arc<Message>>,
+    /// Identities (`Message::uid`) of the QoS 2 messages this log queued:
+    /// routing one of them again does not queue it twice.
+    pub seen: HashSet<u64>,
 }
 
 pub struct Replay {
     sessions: HashMap<u32, SessionImage>,
     msgs: HashMap<u64, Arc<Message>>,
     retained: HashMap<ByteStr, Arc<Message>>,
+    held: HashMap<u64, Arc<Message>>,
+    seen: HashSet<u64>,
     /// Unix second of this run's broker second 0.
     epoch_unix: u64,
     next_mid: u64,
@@ -51,7 +59,7 @@ fn share_marker() -> Arc<(ByteStr, ByteStr)> {
 
 /// A message from its record; `expires` (unix second, 0: never) becomes a
 /// broker second of this run (0 if already past).
-pub fn message(p: Publish, expires: u64, epoch_unix: u64) -> Arc<Message> {
+pub fn message(p: Publish, expires: u64, uid: u64, epoch_unix: u64) -> Arc<Message> {
     Arc::new(Message {
         topic: p.topic,
         payload: p.payload,
@@ -60,6 +68,7 @@ pub fn message(p: Publish, expires: u64, epoch_unix: u64) -> Arc<Message> {
         properties: p.properties,
         origin: None,
         expires_at: (expires != 0).then(|| expires.saturating_sub(epoch_unix)),
+        uid,
     })
 }
 
@@ -69,6 +78,8 @@ impl Replay {
             sessions: HashMap::new(),
             msgs: HashMap::new(),
             retained: HashMap::new(),
+            held: HashMap::new(),
+            seen: HashSet::new(),
             epoch_unix,
             next_mid: 1,
             orphans: 0,
@@ -92,6 +103,7 @@ impl Replay {
                 self.sessions.clear();
                 self.msgs.clear();
                 self.retained.clear();
+                self.held.clear();
             }
             Rec::SnapEnd => {}
             Rec::Session {
@@ -138,10 +150,11 @@ impl Replay {
             Rec::Msg {
                 mid,
                 expires,
+                uid,
                 publish,
             } => {
                 self.next_mid = self.next_mid.max(mid + 1);
-                let m = message(publish, expires, self.epoch_unix);
+                let m = message(publish, expires, uid, self.epoch_unix);
                 self.msgs.insert(mid, m);
             }
             Rec::Enq {
@@ -156,6 +169,9 @@ impl Replay {
                     self.orphans += 1;
                     return;
                 };
+                if msg.uid != 0 {
+                    self.seen.insert(msg.uid);
+                }
                 if let Some(s) = self.session(sid) {
                     s.restore_enqueue(Delivery {
                         msg,
@@ -217,6 +233,15 @@ impl Replay {
             Rec::RetainDel { topic } => {
                 self.retained.remove(&topic);
             }
+            Rec::Held { mid } => match self.msgs.get(&mid) {
+                Some(m) => {
+                    self.held.insert(m.uid, m.clone());
+                }
+                None => self.orphans += 1,
+            },
+            Rec::Routed { uid } => {
+                self.held.remove(&uid);
+            }
         }
     }
 
@@ -233,11 +258,15 @@ impl Replay {
             .filter(|m| m.expires_at != Some(0))
             .collect();
         retained.sort_by(|a, b| a.topic.cmp(&b.topic));
+        let mut reroute: Vec<(u64, Arc<Message>)> = self.held.into_iter().collect();
+        reroute.sort_by_key(|(uid, _)| *uid);
         Image {
             sessions,
             retained,
             next_mid: self.next_mid,
             orphans: self.orphans,
+            reroute: reroute.into_iter().map(|(_, m)| m).collect(),
+            seen: self.seen,
         }
     }
 }

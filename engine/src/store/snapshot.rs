@@ -118,6 +118,12 @@ impl<'a> SnapWriter<'a> {
         encode(&rec, self.out);
     }
 
+    /// A QoS 2 message accepted but not yet routed.
+    pub fn held(&mut self, m: &Arc<Message>) {
+        let mid = self.msg(m);
+        encode(&Rec::Held { mid }, self.out);
+    }
+
     pub fn retained(&mut self, m: &Arc<Message>) {
         let mid = self.msg(m);
         encode(&Rec::Retain { mid }, self.out);

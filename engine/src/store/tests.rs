@@ -113,6 +113,7 @@ fn run(seed: u64, ops: usize) -> (Vec<u8>, Vec<(usize, Print)>) {
                     properties: Properties::default(),
                     origin: None,
                     expires_at: None,
+                    uid: 0,
                 });
                 let d = Delivery {
                     msg: msg.clone(),
