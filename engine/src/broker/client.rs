@@ -656,7 +656,7 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
         codes,
         properties: Properties::default(),
     });
-    let changed = !new_routes.is_empty() || share_changed;
+    let changed = !new_routes.is_empty() || share_changed || std::mem::take(&mut st.announce);
     shard.suback(st, conn, sid, suback, retained, changed);
     Flow::Continue
 }

@@ -25,8 +25,9 @@ fn is_sys(topic: &str) -> bool {
 impl Shard {
     /// A message with acknowledgements went to another shard: the
     /// publisher's acknowledgement waits for that shard's log (a barrier).
-    pub(super) fn want_barrier(&self, st: &mut State, msg: &Message) {
-        if st.log.is_some() && msg.qos != QoS::AtMostOnce && !is_sys(&msg.topic) {
+    pub(super) fn want_barrier(&self, st: &mut State, msg: &Message, to: Option<usize>) {
+        let durable = to.is_none_or(|j| st.durable_peers[j]);
+        if durable && st.log.is_some() && msg.qos != QoS::AtMostOnce && !is_sys(&msg.topic) {
             st.dur_want = true;
             st.dur_reqs += 1;
         }
@@ -292,6 +293,10 @@ impl Shard {
         // At the numbers the log knows them by.
         let slab: slab::Slab<Box<SessionEntry>> = slab_entries.into_iter().collect();
         st.sessions = slab;
+        st.logged_sessions = st.sessions.len();
+        if st.logged_sessions > 0 {
+            self.announce_durable(st, true);
+        }
         for (sid, _) in st.sessions.iter() {
             st.clients.insert(sid, &st.sessions);
         }
@@ -401,7 +406,7 @@ impl Shard {
         let Some(e) = st.sessions.get_mut(sid) else {
             return;
         };
-        e.session.logged = true;
+        let first = !std::mem::replace(&mut e.session.logged, true);
         let will = will.map(|w| {
             let delay = w.properties.will_delay_interval().unwrap_or(0);
             (w.clone(), delay)
@@ -416,6 +421,12 @@ impl Shard {
             },
             true,
         );
+        if first {
+            st.logged_sessions += 1;
+            if st.logged_sessions == 1 {
+                self.announce_durable(st, true);
+            }
+        }
     }
 
     /// A logged session ends (or stops being persistent).
@@ -429,6 +440,21 @@ impl Shard {
         if let Some(log) = st.log.as_mut() {
             log.append(&Rec::SessionDel { sid: sid as u32 }, false);
         }
+        st.logged_sessions = st.logged_sessions.saturating_sub(1);
+        if st.logged_sessions == 0 {
+            self.announce_durable(st, false);
+        }
+    }
+
+    /// Tells the other shards whether this one has persistent sessions.
+    fn announce_durable(&self, st: &mut State, on: bool) {
+        for to in 0..self.n {
+            if to != self.id {
+                self.push_out(st, to, ShardMsg::Durable(on));
+            }
+        }
+        // The next SUBACK waits until they know (a route barrier).
+        st.announce = on;
     }
 
     /// Appends a record about a logged session (no-op otherwise).

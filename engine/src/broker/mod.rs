@@ -55,6 +55,9 @@ pub enum ShardMsg {
     /// durable (a publisher on the sender waits for its acknowledgement).
     DurBarrier(u32),
     DurAck(u32),
+    /// The sender has persistent sessions (true) or no longer has any:
+    /// only then do messages forwarded to it wait for its log.
+    Durable(bool),
     /// The sender has its first local subscriber on this filter.
     RouteAdd(ByteStr),
     /// The sender's last local subscriber on this filter left.
@@ -225,6 +228,12 @@ pub struct State {
     /// Routed QoS 2 messages waiting for their destinations' logs (this
     /// shard's epoch, the durability barrier) before `Routed` is logged.
     routed2: Vec<(u32, u16, Arc<Message>)>,
+    /// Logged sessions homed here; which other shards have some; and
+    /// whether the next SUBACK must wait until the others know this shard
+    /// has some (so that their publishes wait for its log).
+    logged_sessions: usize,
+    durable_peers: Vec<bool>,
+    announce: bool,
     /// After a restart: messages to route again once the other shards'
     /// routes are known (route barrier number), and the identities of the
     /// QoS 2 messages already queued here (not queued twice).
@@ -294,6 +303,9 @@ impl Shard {
                 dur_reqs: 0,
                 held2: Vec::new(),
                 routed2: Vec::new(),
+                logged_sessions: 0,
+                durable_peers: vec![false; n],
+                announce: false,
                 reroute: None,
                 seen_uids: Default::default(),
                 next_uid: 0,
@@ -406,7 +418,8 @@ impl Shard {
                 self.owner_retain(st, &msg, None);
             } else {
                 self.push_out(st, owner, ShardMsg::Retain(msg.clone()));
-                self.want_barrier(st, &msg);
+                // The owner logs it, whoever subscribes.
+                self.want_barrier(st, &msg, None);
             }
         }
         let (mask, wide) = self.deliver_local(st, &msg, true);
@@ -486,7 +499,7 @@ impl Shard {
             return;
         }
         self.push_out(st, to, ShardMsg::Publish(msg.clone()));
-        self.want_barrier(st, msg);
+        self.want_barrier(st, msg, Some(to));
     }
 
     /// Delivers to this shard's subscribers: once per session, at the
@@ -711,6 +724,7 @@ impl Shard {
                 ShardMsg::Replica(msg) => st.retained.set(&msg),
                 ShardMsg::DurBarrier(seq) => self.dur_barrier(st, from, seq),
                 ShardMsg::DurAck(seq) => self.dur_ack(st, from, seq),
+                ShardMsg::Durable(on) => st.durable_peers[from] = on,
                 ShardMsg::RouteAdd(f) => {
                     st.routes.insert(&f, from as u16, ());
                     st.route_gen += 1;
@@ -730,6 +744,27 @@ impl Shard {
                 ShardMsg::Handoff(h) => handoffs.push(h),
             }
         }
+    }
+
+    /// After a restart: asks every other shard for a route barrier; once
+    /// all have answered (`startup_done`), their routes and restored
+    /// sessions are known here and clients may be served.
+    pub fn startup_barrier(&self) -> u64 {
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        st.route_seq += 1;
+        let seq = st.route_seq;
+        for to in 0..self.n {
+            if to != self.id {
+                self.push_out(st, to, ShardMsg::RouteBarrier(seq));
+            }
+        }
+        seq
+    }
+
+    pub fn startup_done(&self, seq: u64) -> bool {
+        let st = self.st.borrow();
+        self.min_acked(&st) >= seq
     }
 
     /// Takes up mesh messages set aside during congestion. Returns true

@@ -273,9 +273,21 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
     };
     glommio::spawn_local(watch_ring(efd)).detach();
     glommio::spawn_local(sched::run()).detach();
-    for (fd, idx) in listeners {
-        listener::start(rt.clone(), fd, idx);
-    }
+    // After a restart, clients are served once every shard has restored
+    // its sessions and this one knows their routes.
+    let startup = committer.as_ref().map(|_| rt.shard.startup_barrier());
+    let starting = rt.clone();
+    glommio::spawn_local(async move {
+        if let Some(seq) = startup {
+            while !starting.shard.startup_done(seq) {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        for (fd, idx) in listeners {
+            listener::start(starting.clone(), fd, idx);
+        }
+    })
+    .detach();
     glommio::spawn_local(pump::ticker(rt.clone())).detach();
     pump::mesh_pump(rt.clone()).await;
     // Shutdown: tell every connected client (5.0: DISCONNECT 0x8B), give
