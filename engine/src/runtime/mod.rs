@@ -305,6 +305,9 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
         c.request_close(crate::broker::conn::CloseReason::Shutdown);
     }
     glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+    if let Some(log) = rt.shard.st.borrow_mut().log.as_mut() {
+        log.wake_committer();
+    }
     if let Some(c) = committer {
         // The last batch written (and synced) before the process ends.
         let done = glommio::timer::timeout(std::time::Duration::from_secs(5), async {

@@ -195,6 +195,13 @@ impl Log {
         Some((buf, epoch))
     }
 
+    /// Wakes the committer (at shutdown: to finish).
+    pub fn wake_committer(&mut self) {
+        if let Some(w) = self.committer.take() {
+            w.wake();
+        }
+    }
+
     /// The epoch is durable (its write and, by policy, its sync succeeded).
     pub fn committed(&mut self, epoch: u32) {
         self.durable = epoch;
