@@ -530,13 +530,6 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
     // (`Shard::hold_qos2`), so that either both the PUBREC's promise and
     // the message exist after a crash, or neither.
     let logged = in2 && st.log.is_some() && st.sessions.get(sid).is_some_and(|e| e.session.logged);
-    if in2 {
-        let rec = Rec::In2 {
-            sid: sid as u32,
-            pid: p.packet_id,
-        };
-        shard.log_rec(st, sid, rec, true);
-    }
     conn.wake();
     if route {
         let mut properties = p.properties;
@@ -555,7 +548,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             uid: if logged { shard.new_uid(st) } else { 0 },
         });
         if logged {
-            shard.hold_qos2(st, msg);
+            shard.hold_qos2(st, msg, sid, p.packet_id);
         } else {
             shard.route(st, msg);
         }

@@ -140,13 +140,14 @@ impl Shard {
     /// identity, routed once that is durable (`after_commit`); until a
     /// `Routed` record, a restart routes it again, and shards that already
     /// queued it (by identity) do not queue it twice.
-    pub(super) fn hold_qos2(&self, st: &mut State, msg: Arc<Message>) {
+    pub(super) fn hold_qos2(&self, st: &mut State, msg: Arc<Message>, sid: usize, pid: u16) {
         let Some(log) = st.log.as_mut() else {
             self.route(st, msg);
             return;
         };
         let mid = log.message(&msg);
-        log.append(&Rec::Held { mid }, true);
+        let sid = sid as u32;
+        log.append(&Rec::Held { mid, sid, pid }, true);
         let epoch = log.gate();
         st.held2.push((epoch, msg));
     }
@@ -427,6 +428,27 @@ impl Shard {
                 self.announce_durable(st, true);
             }
         }
+    }
+
+    /// Unix second an offline session went offline (from its expiry timer;
+    /// now if it never expires).
+    pub(super) fn offline_since(&self, st: &State, sid: usize) -> u64 {
+        let Some(e) = st.sessions.get(sid) else {
+            return crate::store::unix_now();
+        };
+        let epoch_unix = st.log.as_ref().map_or(0, |l| l.epoch_unix);
+        st.timers
+            .iter()
+            .find_map(|(&(at, _), ev)| match ev {
+                TimerEvent::SessionExpiry { sid: s, generation }
+                    if *s == sid && *generation == e.generation =>
+                {
+                    Some((epoch_unix + at).saturating_sub(u64::from(e.expiry) + 1))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(crate::store::unix_now)
+            .max(1)
     }
 
     /// A logged session ends (or stops being persistent).

@@ -15,6 +15,10 @@ pub mod metrics;
 pub mod retained;
 mod route_cache;
 mod shared;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod sim_tests;
 mod tick;
 
 use crate::config::Config;

@@ -64,6 +64,11 @@ impl Shard {
             let will = st.sessions.get_mut(sid).and_then(|e| e.pending_will.take());
             if let Some(w) = will {
                 self.publish_will(st, *w);
+                if st.sessions.get(sid).is_some_and(|e| e.session.logged) {
+                    // Published: not owed after a restart any more.
+                    let since = self.offline_since(st, sid);
+                    self.log_session(st, sid, since, None);
+                }
             }
             if let TimerEvent::SessionExpiry { .. } = ev {
                 client::drop_session(self, st, sid);

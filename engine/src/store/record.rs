@@ -60,9 +60,12 @@ pub enum Rec {
     },
     /// A QoS 2 message accepted from a persistent session, to be routed
     /// once this record is durable (and again after a crash, until
-    /// `Routed`).
+    /// `Routed`); with the packet id it came with (`sid` u32::MAX: none),
+    /// in the same record so that a torn write keeps both or neither.
     Held {
         mid: u64,
+        sid: u32,
+        pid: u16,
     },
     /// The held message with this identity (`Message::uid`) was routed.
     Routed {
@@ -248,8 +251,10 @@ fn body(rec: &Rec, out: &mut Vec<u8>) -> u8 {
             put_publish(out, publish);
             T_MSG
         }
-        Rec::Held { mid } => {
+        Rec::Held { mid, sid, pid } => {
             put_u64(out, *mid);
+            put_u32(out, *sid);
+            put_u16(out, *pid);
             T_HELD
         }
         Rec::Routed { uid } => {
@@ -449,7 +454,11 @@ pub fn decode(ty: u8, body: &[u8]) -> Result<Rec, BadRecord> {
             uid: r.u64()?,
             publish: r.publish()?,
         },
-        T_HELD => Rec::Held { mid: r.u64()? },
+        T_HELD => Rec::Held {
+            mid: r.u64()?,
+            sid: r.u32()?,
+            pid: r.u16()?,
+        },
         T_ROUTED => Rec::Routed { uid: r.u64()? },
         T_ENQ => {
             let sid = r.u32()?;
@@ -618,7 +627,11 @@ mod tests {
             Rec::Unshare { sid: 3 },
             Rec::NextPid { sid: 3, pid: 4 },
             Rec::Retain { mid: 1 },
-            Rec::Held { mid: 1 },
+            Rec::Held {
+                mid: 1,
+                sid: 3,
+                pid: 5,
+            },
             Rec::Routed { uid: 99 },
             Rec::RetainDel {
                 topic: "a/b/c".into(),

@@ -233,12 +233,19 @@ impl Replay {
             Rec::RetainDel { topic } => {
                 self.retained.remove(&topic);
             }
-            Rec::Held { mid } => match self.msgs.get(&mid) {
-                Some(m) => {
-                    self.held.insert(m.uid, m.clone());
+            Rec::Held { mid, sid, pid } => {
+                match self.msgs.get(&mid) {
+                    Some(m) => {
+                        self.held.insert(m.uid, m.clone());
+                    }
+                    None => self.orphans += 1,
                 }
-                None => self.orphans += 1,
-            },
+                if sid != u32::MAX {
+                    if let Some(s) = self.session(sid) {
+                        s.incoming_qos2(pid);
+                    }
+                }
+            }
             Rec::Routed { uid } => {
                 self.held.remove(&uid);
             }

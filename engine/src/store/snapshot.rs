@@ -121,7 +121,12 @@ impl<'a> SnapWriter<'a> {
     /// A QoS 2 message accepted but not yet routed.
     pub fn held(&mut self, m: &Arc<Message>) {
         let mid = self.msg(m);
-        encode(&Rec::Held { mid }, self.out);
+        let rec = Rec::Held {
+            mid,
+            sid: u32::MAX,
+            pid: 0,
+        };
+        encode(&rec, self.out);
     }
 
     pub fn retained(&mut self, m: &Arc<Message>) {
