@@ -9,6 +9,8 @@
 //! - [`topic_index`]: realistic filter sets, topics from the same space, and
 //!   the naive matcher the trie is compared with.
 //! - [`ws_frame`]: masked client WebSocket frames and their decoding.
+//! - [`retained`]: a million retained topics, the retained-message trie and
+//!   the scan it replaces.
 //! - [`router`]: a real `Shard` with one publisher and N subscribers.
 //! - [`hop`]: the cross-shard hop (mesh channel + doorbell) between two
 //!   running glommio executors.
@@ -17,6 +19,7 @@
 
 pub mod codec;
 pub mod hop;
+pub mod retained;
 pub mod router;
 pub mod topic_index;
 pub mod ws_frame;

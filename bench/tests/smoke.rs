@@ -105,3 +105,33 @@ fn cross_shard_hop_delivers_every_message() {
         h.stop().unwrap();
     }
 }
+
+#[test]
+fn retained_tree_agrees_with_the_scan() {
+    use tarta_bench::retained::{self as rt, Shape, FILTERS};
+    for shape in [Shape::Wide, Shape::Narrow] {
+        let mut tree = rt::build_tree(shape, 3000);
+        let mut map = rt::build_map(shape, 3000);
+        assert_eq!(tree.len(), 3000);
+        let extra = [
+            "sensors/+/+/temp",
+            "sensors/2/#",
+            "+/1/7/+",
+            "sensors/1/7/temp",
+        ];
+        for filter in FILTERS.iter().map(|(_, f)| *f).chain(extra) {
+            assert_eq!(
+                rt::tree_count(&tree, filter),
+                rt::scan_count(&map, filter),
+                "{filter}"
+            );
+        }
+        rt::tree_replace(&mut tree, &rt::topic(shape, 7));
+        rt::map_replace(&mut map, &rt::topic(shape, 7));
+        assert_eq!((tree.len(), map.len()), (3000, 3000));
+    }
+    let tree = rt::build_tree(Shape::Narrow, 3000);
+    for (_, filter) in FILTERS {
+        assert_eq!(rt::tree_count(&tree, filter), 10, "{filter}");
+    }
+}

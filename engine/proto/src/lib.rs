@@ -9,6 +9,7 @@
 //! - [`ByteStr`]: validated MQTT UTF-8 strings as `Bytes` slices.
 //! - [`topic`]: topic names and filters (parse, don't validate) and the reference matcher.
 //! - [`index`]: the topic trie mapping (filter, key) to values, matched per published topic.
+//! - [`retain_tree`]: retained messages by topic name, searched by topic filter.
 //! - [`ws`]: MQTT over WebSocket: upgrade handshake, frame decoding with in-place unmasking.
 //! - [`acl`]: Mosquitto `acl_file` access control lists, resolved per client.
 //! - [`proxy`]: the HAProxy PROXY protocol (v1 and v2) header a trusted load balancer sends first.
@@ -20,6 +21,7 @@ pub mod cidr;
 pub mod index;
 pub mod mqtt;
 pub mod proxy;
+pub mod retain_tree;
 pub mod topic;
 pub mod ws;
 

@@ -1,15 +1,16 @@
-//! Retained messages. Every shard keeps a full replica: a retained publish is
-//! sent to every shard, so a SUBSCRIBE is answered from local memory.
+//! Retained messages. Every shard keeps a full replica (a SUBSCRIBE is
+//! answered from local memory), indexed by topic level
+//! (`tarta_proto::retain_tree`): a wildcard lookup visits only the part of
+//! the tree its filter can match, not every retained message. Writes to a
+//! topic are ordered by its owner shard (`broker::durable`).
 
 use crate::session::Message;
-use std::collections::HashMap;
 use std::sync::Arc;
-use tarta_proto::topic;
-use tarta_proto::ByteStr;
+use tarta_proto::retain_tree::RetainTree;
 
 #[derive(Default)]
 pub struct Retained {
-    by_topic: HashMap<ByteStr, Arc<Message>>,
+    tree: RetainTree<Arc<Message>>,
 }
 
 impl Retained {
@@ -17,39 +18,27 @@ impl Retained {
     /// payload is empty (MQTT-3.3.1-10/11).
     pub fn set(&mut self, msg: &Arc<Message>) {
         if msg.payload.is_empty() {
-            self.by_topic.remove(&msg.topic);
+            self.tree.remove(&msg.topic);
         } else {
-            self.by_topic.insert(msg.topic.clone(), msg.clone());
+            self.tree.insert(&msg.topic, msg.clone());
         }
     }
 
     /// Retained messages whose topic matches `filter`.
-    pub fn matching(&self, filter: &str, mut f: impl FnMut(&Arc<Message>)) {
-        if !filter.contains(['+', '#']) {
-            if let Some(m) = self.by_topic.get(filter) {
-                f(m);
-            }
-            return;
-        }
-        for (t, m) in &self.by_topic {
-            if topic::matches(filter, t) {
-                f(m);
-            }
-        }
+    pub fn matching(&self, filter: &str, f: impl FnMut(&Arc<Message>)) {
+        self.tree.for_each_match(filter, f);
     }
 
     /// Every retained message (snapshots).
-    pub fn for_each(&self, mut f: impl FnMut(&Arc<Message>)) {
-        for m in self.by_topic.values() {
-            f(m);
-        }
+    pub fn for_each(&self, f: impl FnMut(&Arc<Message>)) {
+        self.tree.iter().for_each(f);
     }
 
     pub fn len(&self) -> usize {
-        self.by_topic.len()
+        self.tree.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_topic.is_empty()
+        self.tree.is_empty()
     }
 }
