@@ -66,13 +66,50 @@ pub struct Scanned {
 /// Scans a segment. A frame that fails its checksum is skipped if its
 /// length leads to a good frame; otherwise the scan stops there.
 pub fn scan(buf: &[u8]) -> Scanned {
+    let mut recs = Vec::new();
+    let mut s = scan_each(buf, |r| recs.push(r));
+    s.recs = recs;
+    s
+}
+
+/// Frees the segments' bytes once replayed (keeps their numbers).
+fn loaded_bytes(loaded: &mut [(u64, Vec<u8>)]) -> usize {
+    loaded
+        .iter_mut()
+        .map(|(_, b)| std::mem::take(b).len())
+        .sum()
+}
+
+/// Whether a segment starts with a snapshot, and whether that snapshot
+/// is complete (frames only: no record is decoded).
+fn snapshot_state(buf: &[u8]) -> (bool, bool) {
+    let mut at = 0;
+    let mut first = true;
+    let mut starts = false;
+    while let Frame::Whole { ty, len, .. } = record::frame(&buf[at..]) {
+        if first {
+            starts = ty == record::T_SNAP_BEGIN;
+            if !starts {
+                return (false, false);
+            }
+            first = false;
+        } else if ty == record::T_SNAP_END {
+            return (true, true);
+        }
+        at += len;
+    }
+    (starts, false)
+}
+
+/// Scans a segment, handing each record to `f` as it is decoded.
+pub fn scan_each(buf: &[u8], mut f: impl FnMut(Rec)) -> Scanned {
     let mut s = Scanned::default();
     let mut at = 0;
     while at < buf.len() {
         match record::frame(&buf[at..]) {
             Frame::Whole { ty, body, len } => {
                 match record::decode(ty, body) {
-                    Ok(rec) => s.recs.push(rec),
+                    Ok(rec) => f(rec),
                     Err(_) => s.corrupt += 1,
                 }
                 at += len;
@@ -374,11 +411,12 @@ fn recover_shard(
 ) -> Result<Recovered, String> {
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let seqs = segments(dir);
+    let newest = seqs.last().copied();
     let mut quarantined = 0;
     let mut corrupt = 0;
-    // Read every segment (newest first until a complete snapshot is found).
-    let mut loaded: Vec<(u64, Scanned)> = Vec::new();
-    for (k, &seq) in seqs.iter().enumerate().rev() {
+    // Read the segments, newest first, down to a complete snapshot.
+    let mut loaded: Vec<(u64, Vec<u8>)> = Vec::new();
+    for &seq in seqs.iter().rev() {
         let path = segment_path(dir, seq);
         let mut bytes = Vec::new();
         if let Err(e) = File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)) {
@@ -386,11 +424,32 @@ fn recover_shard(
             quarantined += 1;
             continue;
         }
-        let s = scan(&bytes);
-        let last = k + 1 == seqs.len();
+        let (starts, complete) = snapshot_state(&bytes);
+        if starts && !complete {
+            // A compaction that did not finish: nothing was appended after
+            // it, and the segments before it still hold everything.
+            warn!(segment = %path.display(), "unfinished log snapshot removed");
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        loaded.push((seq, bytes));
+        if complete {
+            break;
+        }
+    }
+    loaded.reverse();
+    let base = loaded.first().map(|(seq, _)| *seq).unwrap_or(1);
+    // Segments older than the snapshot are no longer needed.
+    for &seq in seqs.iter().filter(|s| **s < base) {
+        let _ = fs::remove_file(segment_path(dir, seq));
+    }
+    let mut replay = Replay::new(epoch_unix);
+    for (seq, bytes) in &loaded {
+        let path = segment_path(dir, *seq);
+        let s = scan_each(bytes, |rec| replay.apply(rec));
         if s.bad_tail {
             let dropped = bytes.len() - s.good_len;
-            if last {
+            if Some(*seq) == newest {
                 warn!(segment = %path.display(), kept = s.good_len, dropped, "log tail torn (crash during a write): truncated at the last good record");
                 OpenOptions::new()
                     .write(true)
@@ -410,32 +469,8 @@ fn recover_shard(
             error!(segment = %path.display(), records = s.corrupt, "corrupt log records skipped");
             corrupt += s.corrupt;
         }
-        let starts = matches!(s.recs.first(), Some(Rec::SnapBegin));
-        let complete = starts && s.recs.iter().any(|r| matches!(r, Rec::SnapEnd));
-        if starts && !complete {
-            // A compaction that did not finish: nothing was appended after
-            // it, and the segments before it still hold everything.
-            warn!(segment = %path.display(), "unfinished log snapshot removed");
-            let _ = fs::remove_file(&path);
-            continue;
-        }
-        loaded.push((seq, s));
-        if complete {
-            break;
-        }
     }
-    loaded.reverse();
-    let base = loaded.first().map(|(seq, _)| *seq).unwrap_or(1);
-    // Segments older than the snapshot are no longer needed.
-    for &seq in seqs.iter().filter(|s| **s < base) {
-        let _ = fs::remove_file(segment_path(dir, seq));
-    }
-    let mut replay = Replay::new(epoch_unix);
-    for (_, s) in &mut loaded {
-        for rec in s.recs.drain(..) {
-            replay.apply(rec);
-        }
-    }
+    loaded_bytes(&mut loaded);
     let image = replay.finish();
     if image.orphans > 0 {
         warn!(

@@ -127,8 +127,8 @@ pub enum Rec {
     },
 }
 
-const T_SNAP_BEGIN: u8 = 1;
-const T_SNAP_END: u8 = 2;
+pub(crate) const T_SNAP_BEGIN: u8 = 1;
+pub(crate) const T_SNAP_END: u8 = 2;
 const T_SESSION: u8 = 3;
 const T_SESSION_DEL: u8 = 4;
 const T_SUB: u8 = 5;

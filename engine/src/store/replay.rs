@@ -4,7 +4,9 @@
 
 use super::record::Rec;
 use crate::session::{Delivery, Message, Session};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use tarta_proto::mqtt::{Publish, Will};
 use tarta_proto::ByteStr;
@@ -39,9 +41,50 @@ pub struct Image {
     pub seen: HashSet<u64>,
 }
 
+/// Messages by id: ids are handed out in order, so mostly a vector from
+/// the first id seen (a map for the rare id below it).
+#[derive(Default)]
+struct Msgs {
+    base: Option<u64>,
+    dense: Vec<Option<Arc<Message>>>,
+    sparse: HashMap<u64, Arc<Message>>,
+}
+
+impl Msgs {
+    fn insert(&mut self, mid: u64, m: Arc<Message>) {
+        let base = *self.base.get_or_insert(mid);
+        match mid.checked_sub(base).map(|i| i as usize) {
+            Some(i) if i < self.dense.len() + (1 << 20) => {
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, None);
+                }
+                self.dense[i] = Some(m);
+            }
+            _ => {
+                self.sparse.insert(mid, m);
+            }
+        }
+    }
+
+    fn get(&self, mid: &u64) -> Option<&Arc<Message>> {
+        let i = self
+            .base
+            .and_then(|b| mid.checked_sub(b))
+            .map(|i| i as usize);
+        match i.and_then(|i| self.dense.get(i)) {
+            Some(Some(m)) => Some(m),
+            _ => self.sparse.get(mid),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Msgs::default();
+    }
+}
+
 pub struct Replay {
     sessions: HashMap<u32, SessionImage>,
-    msgs: HashMap<u64, Arc<Message>>,
+    msgs: Msgs,
     retained: HashMap<ByteStr, Arc<Message>>,
     held: HashMap<u64, Arc<Message>>,
     seen: HashSet<u64>,
@@ -75,10 +118,10 @@ pub fn message(p: Publish, expires: u64, uid: u64, epoch_unix: u64) -> Arc<Messa
 impl Replay {
     pub fn new(epoch_unix: u64) -> Replay {
         Replay {
-            sessions: HashMap::new(),
-            msgs: HashMap::new(),
-            retained: HashMap::new(),
-            held: HashMap::new(),
+            sessions: HashMap::default(),
+            msgs: Msgs::default(),
+            retained: HashMap::default(),
+            held: HashMap::default(),
             seen: HashSet::new(),
             epoch_unix,
             next_mid: 1,
@@ -255,16 +298,15 @@ impl Replay {
     pub fn finish(self) -> Image {
         let mut sessions: Vec<SessionImage> = self.sessions.into_values().collect();
         // Deterministic order (tests, and the order sessions are restored in).
-        sessions.sort_by(|a, b| a.session.client_id.cmp(&b.session.client_id));
+        sessions.sort_by_key(|s| s.sid);
         for s in &mut sessions {
             s.session.restore_clear_shares();
         }
-        let mut retained: Vec<Arc<Message>> = self
+        let retained: Vec<Arc<Message>> = self
             .retained
             .into_values()
             .filter(|m| m.expires_at != Some(0))
             .collect();
-        retained.sort_by(|a, b| a.topic.cmp(&b.topic));
         let mut reroute: Vec<(u64, Arc<Message>)> = self.held.into_iter().collect();
         reroute.sort_by_key(|(uid, _)| *uid);
         Image {
