@@ -449,8 +449,12 @@ fn recover_shard(
         let s = scan_each(bytes, |rec| replay.apply(rec));
         if s.bad_tail {
             let dropped = bytes.len() - s.good_len;
+            // Zeros after the last record: space written ahead (runtime::wal).
+            let padding = bytes[s.good_len..].iter().all(|b| *b == 0);
             if Some(*seq) == newest {
-                warn!(segment = %path.display(), kept = s.good_len, dropped, "log tail torn (crash during a write): truncated at the last good record");
+                if !padding {
+                    warn!(segment = %path.display(), kept = s.good_len, dropped, "log tail torn (crash during a write): truncated at the last good record");
+                }
                 OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -459,7 +463,7 @@ fn recover_shard(
                         f.sync_all()
                     })
                     .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
-            } else {
+            } else if !padding {
                 // Not the segment being appended to: it was complete once.
                 error!(segment = %path.display(), kept = s.good_len, dropped, "log segment corrupt: its records up to the damage are used");
                 corrupt += 1;
