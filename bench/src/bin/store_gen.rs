@@ -75,6 +75,7 @@ fn main() -> Result<(), String> {
         images[shard].sessions.push(SessionImage {
             sid: 0,
             session: s,
+            username: None,
             expiry: u32::MAX,
             offline_at: tarta::store::unix_now(),
             will: None,

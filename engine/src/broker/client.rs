@@ -314,7 +314,7 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
                 acl: None,
                 generation: 0,
                 expiry,
-                pending_will: None,
+                rare: None,
                 congested: false,
             }));
             st.clients.insert(sid, &st.sessions);
@@ -334,7 +334,10 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         // A reconnection cancels a delayed will and the session's expiry
         // (MQTT-3.1.3-9): their timers see a newer generation.
         entry.generation = entry.generation.wrapping_add(1);
-        entry.pending_will = None;
+        entry.set_will(None);
+        // Kept with a persistent session (its ACL after a restart).
+        let username = c.username.clone().filter(|_| persistent);
+        entry.set_username(username);
         // Connected: the bound is soft (backpressure), the hard bound 8x.
         entry.session.max_queued = cfg.max_queued_messages.saturating_mul(8);
     }
@@ -809,7 +812,7 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
     };
     match (will, delay) {
         (Some(w), Some(_)) => {
-            entry.pending_will = Some(w);
+            entry.set_will(Some(*w));
             shard.session_offline(st, sid, delay);
         }
         (Some(w), None) => {

@@ -83,7 +83,7 @@ mod tests {
             acl: None,
             generation: 0,
             expiry: 0,
-            pending_will: None,
+            rare: None,
             congested: false,
         })
     }

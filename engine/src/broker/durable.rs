@@ -271,16 +271,23 @@ impl Shard {
             s.session.max_queued = self.cfg.max_queued_messages;
             s.session.persistent = true;
             s.session.logged = true;
-            let acl = self.acl.as_ref().map(|a| Box::new(a.for_client(&id, None)));
+            let user = s.username.clone();
+            let acl = self
+                .acl
+                .as_ref()
+                .map(|a| Box::new(a.for_client(&id, user.as_deref())));
             let entry = SessionEntry {
                 session: s.session,
                 conn: None,
                 acl,
                 generation: 0,
                 expiry: s.expiry,
-                pending_will: s.will.as_ref().map(|(w, _)| Box::new(w.clone())),
+                rare: None,
                 congested: false,
             };
+            let mut entry = entry;
+            entry.set_will(s.will.as_ref().map(|(w, _)| w.clone()));
+            entry.set_username(user);
             entries.push((s.sid as usize, entry, s.offline_at, s.will.map(|(_, d)| d)));
         }
         let mut timers = Vec::new();
@@ -369,10 +376,7 @@ impl Shard {
                 );
             }
             if offline_at == 0 {
-                let will = st
-                    .sessions
-                    .get(sid)
-                    .and_then(|e| e.pending_will.as_deref().cloned());
+                let will = st.sessions.get(sid).and_then(|e| e.pending_will().cloned());
                 self.log_session(st, sid, now_unix.max(1), will.as_ref());
             }
         }
@@ -416,6 +420,7 @@ impl Shard {
             &Rec::Session {
                 sid: sid as u32,
                 client_id: e.session.client_id.to_string().into(),
+                username: e.username().cloned(),
                 expiry: e.expiry,
                 offline_at,
                 will,
@@ -525,10 +530,18 @@ impl Shard {
                             .max(1),
                         None => now_unix.max(1),
                     };
-                    (at, e.pending_will.as_deref().cloned())
+                    (at, e.pending_will().cloned())
                 }
             };
-            w.session(sid as u32, &e.session, e.expiry, offline_at, will.as_ref());
+            let user = e.username();
+            w.session(
+                sid as u32,
+                &e.session,
+                e.expiry,
+                offline_at,
+                will.as_ref(),
+                user,
+            );
         }
         st.retained.for_each(|m| {
             if home_shard(&m.topic, self.n) == self.id && !is_sys(&m.topic) {

@@ -131,11 +131,75 @@ pub struct SessionEntry {
     /// Session Expiry Interval in seconds (0: ends with the connection;
     /// u32::MAX: never).
     pub expiry: u32,
-    /// A will waiting for its Will Delay Interval (5.0).
-    pub pending_will: Option<Box<Will>>,
+    /// What few sessions have (a will waiting for its delay, the username
+    /// of a persistent session): boxed, so that the others pay 8 bytes.
+    pub rare: Option<Box<Rare>>,
     /// Its queue is above `max_queued_messages` while connected: the shard
     /// holds publishers back until it drains (see `Shard::congestion`).
     pub congested: bool,
+}
+
+#[derive(Default)]
+pub struct Rare {
+    /// A will waiting for its Will Delay Interval (5.0).
+    pub will: Option<Will>,
+    /// The username of a persistent session (restored with it: the ACL
+    /// applies to it while offline after a restart).
+    pub username: Option<ByteStr>,
+}
+
+impl SessionEntry {
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    fn tidy(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.will.is_none() && r.username.is_none())
+        {
+            self.rare = None;
+        }
+    }
+
+    pub fn pending_will(&self) -> Option<&Will> {
+        self.rare.as_ref().and_then(|r| r.will.as_ref())
+    }
+
+    pub fn take_will(&mut self) -> Option<Will> {
+        let w = self.rare.as_mut().and_then(|r| r.will.take());
+        self.tidy();
+        w
+    }
+
+    pub fn set_will(&mut self, w: Option<Will>) {
+        match w {
+            Some(w) => self.rare_mut().will = Some(w),
+            None => {
+                if let Some(r) = self.rare.as_mut() {
+                    r.will = None;
+                }
+                self.tidy();
+            }
+        }
+    }
+
+    pub fn username(&self) -> Option<&ByteStr> {
+        self.rare.as_ref().and_then(|r| r.username.as_ref())
+    }
+
+    pub fn set_username(&mut self, u: Option<ByteStr>) {
+        match u {
+            Some(u) => self.rare_mut().username = Some(u),
+            None => {
+                if let Some(r) = self.rare.as_mut() {
+                    r.username = None;
+                }
+                self.tidy();
+            }
+        }
+    }
 }
 
 /// Things that happen at a given broker second.

@@ -461,3 +461,34 @@ fn a_will_pending_at_a_crash_is_published_after_the_restart() {
     sim.settle();
     assert!(take_qos1(&mut sim, &mut w).is_empty());
 }
+
+#[test]
+fn a_persistent_sessions_username_survives_restarts_and_compaction() {
+    let mut sim = Sim::new(2);
+    let id = id_on(1, 2, "user");
+    let mut c = connect(&id, Protocol::V311, false);
+    c.username = Some("ann".into());
+    let mut u = sim.connect(c);
+    sim.settle();
+    sim.recv(&mut u);
+    sim.drop_client(u);
+    sim.settle();
+    let username = |sim: &Sim| {
+        let st = sim.shards[1].st.borrow();
+        st.sessions
+            .iter()
+            .find(|(_, e)| &*e.session.client_id == id.as_str())
+            .and_then(|(_, e)| e.username().map(|u| u.to_string()))
+    };
+    sim.crash(0);
+    assert_eq!(username(&sim).as_deref(), Some("ann"));
+    let mut snap = Vec::new();
+    if let Some(epoch) = sim.shards[1].compact_into(&mut snap) {
+        sim.disks[1] = snap;
+        if let Some(log) = sim.shards[1].st.borrow_mut().log.as_mut() {
+            log.committed(epoch);
+        }
+    }
+    sim.crash(0);
+    assert_eq!(username(&sim).as_deref(), Some("ann"));
+}

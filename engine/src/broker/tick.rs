@@ -61,9 +61,9 @@ impl Shard {
             if !live {
                 continue;
             }
-            let will = st.sessions.get_mut(sid).and_then(|e| e.pending_will.take());
+            let will = st.sessions.get_mut(sid).and_then(|e| e.take_will());
             if let Some(w) = will {
-                self.publish_will(st, *w);
+                self.publish_will(st, w);
                 if st.sessions.get(sid).is_some_and(|e| e.session.logged) {
                     // Published: not owed after a restart any more.
                     let since = self.offline_since(st, sid);

@@ -331,7 +331,14 @@ fn write_generation(
             // Numbered afresh: the shard restores them at these numbers.
             s.sid = sid as u32;
             let will = s.will.as_ref().map(|(w, _)| w);
-            w.session(sid as u32, &s.session, s.expiry, s.offline_at, will);
+            w.session(
+                sid as u32,
+                &s.session,
+                s.expiry,
+                s.offline_at,
+                will,
+                s.username.as_ref(),
+            );
         }
         for m in &img.retained {
             w.retained(m);

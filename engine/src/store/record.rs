@@ -33,6 +33,7 @@ pub enum Rec {
     Session {
         sid: u32,
         client_id: ByteStr,
+        username: Option<ByteStr>,
         expiry: u32,
         offline_at: u64,
         will: Option<(Will, u32)>,
@@ -200,12 +201,20 @@ fn body(rec: &Rec, out: &mut Vec<u8>) -> u8 {
         Rec::Session {
             sid,
             client_id,
+            username,
             expiry,
             offline_at,
             will,
         } => {
             put_u32(out, *sid);
             put_str(out, client_id);
+            match username {
+                None => out.push(0),
+                Some(u) => {
+                    out.push(1);
+                    put_str(out, u);
+                }
+            }
             put_u32(out, *expiry);
             put_u64(out, *offline_at);
             match will {
@@ -395,6 +404,10 @@ pub fn decode(ty: u8, body: &[u8]) -> Result<Rec, BadRecord> {
         T_SESSION => {
             let sid = r.u32()?;
             let client_id = r.str()?;
+            let username = match r.u8()? {
+                0 => None,
+                _ => Some(r.str()?),
+            };
             let expiry = r.u32()?;
             let offline_at = r.u64()?;
             let will = match r.u8()? {
@@ -421,6 +434,7 @@ pub fn decode(ty: u8, body: &[u8]) -> Result<Rec, BadRecord> {
             Rec::Session {
                 sid,
                 client_id,
+                username,
                 expiry,
                 offline_at,
                 will,
@@ -573,6 +587,7 @@ mod tests {
             Rec::Session {
                 sid: 3,
                 client_id: "dev-1".into(),
+                username: Some("ann".into()),
                 expiry: u32::MAX,
                 offline_at: 0,
                 will: Some((

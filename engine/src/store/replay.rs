@@ -17,6 +17,7 @@ pub struct SessionImage {
     pub sid: u32,
     /// Subscriptions (`session.subs`), queue, packet ids, incoming QoS 2 ids.
     pub session: Session,
+    pub username: Option<ByteStr>,
     pub expiry: u32,
     /// Unix second it went offline (0: it was connected).
     pub offline_at: u64,
@@ -152,6 +153,7 @@ impl Replay {
             Rec::Session {
                 sid,
                 client_id,
+                username,
                 expiry,
                 offline_at,
                 will,
@@ -159,6 +161,7 @@ impl Replay {
                 let img = self.sessions.entry(sid).or_insert_with(|| SessionImage {
                     sid,
                     session: Session::new(client_id.clone(), true, 1, usize::MAX),
+                    username: None,
                     expiry,
                     offline_at,
                     will: None,
@@ -168,6 +171,7 @@ impl Replay {
                     img.session = Session::new(client_id, true, 1, usize::MAX);
                 }
                 img.session.logged = true;
+                img.username = username;
                 img.expiry = expiry;
                 img.offline_at = offline_at;
                 img.will = will;

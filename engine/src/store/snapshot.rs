@@ -8,6 +8,7 @@ use crate::session::{Message, Session};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tarta_proto::mqtt::Will;
+use tarta_proto::ByteStr;
 
 pub struct SnapWriter<'a> {
     pub out: &'a mut Vec<u8>,
@@ -56,6 +57,7 @@ impl<'a> SnapWriter<'a> {
         expiry: u32,
         offline_at: u64,
         will: Option<&Will>,
+        username: Option<&ByteStr>,
     ) {
         let will = will.map(|w| {
             let delay = w.properties.will_delay_interval().unwrap_or(0);
@@ -65,6 +67,7 @@ impl<'a> SnapWriter<'a> {
             &Rec::Session {
                 sid,
                 client_id: s.client_id.to_string().into(),
+                username: username.cloned(),
                 expiry,
                 offline_at,
                 will,

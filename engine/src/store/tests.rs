@@ -87,6 +87,7 @@ fn run(seed: u64, ops: usize) -> (Vec<u8>, Vec<(usize, Print)>) {
         &Rec::Session {
             sid: SID,
             client_id: "dev".into(),
+            username: None,
             expiry: u32::MAX,
             offline_at: 0,
             will: None,
@@ -319,7 +320,7 @@ fn a_snapshot_of_the_live_session_recovers_the_same_session() {
         };
         let mut snap = Vec::new();
         let mut w = SnapWriter::begin(&mut snap, 1, 0);
-        w.session(SID, &s.session, s.expiry, s.offline_at, None);
+        w.session(SID, &s.session, s.expiry, s.offline_at, None, None);
         w.end();
         let (from_snap, _, _) = recover(&snap);
         assert_eq!(from_snap, from_log, "seed {seed}");
