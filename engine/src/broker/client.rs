@@ -274,7 +274,12 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         cfg.max_inflight
     };
 
-    let storage_failed = shard.st.borrow().log.is_some() && crate::store::log::any_failed();
+    let storage_failed = shard
+        .st
+        .borrow()
+        .log
+        .as_ref()
+        .is_some_and(|l| l.any_failed());
     if persistent && storage_failed {
         // The session could not be stored: refuse rather than promise
         // (3.x: server unavailable).
@@ -484,7 +489,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
     } else {
         0
     };
-    if p.qos != QoS::AtMostOnce && st.log.is_some() && crate::store::log::any_failed() {
+    if p.qos != QoS::AtMostOnce && st.log.as_ref().is_some_and(|l| l.any_failed()) {
         // The log cannot take it (disk full, I/O error): no promise. 5.0
         // hears why; a 3.x client is closed without the acknowledgement
         // and resends when it reconnects.

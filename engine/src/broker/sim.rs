@@ -74,8 +74,9 @@ impl Sim {
         self.shards = (0..self.n)
             .map(|id| Shard::new(id, self.n, self.cfg.clone(), None))
             .collect();
+        let failing = crate::store::log::Failing::default();
         for (shard, img) in self.shards.iter().zip(images) {
-            let log = Log::new(EPOCH, img.next_mid);
+            let log = Log::new(EPOCH, img.next_mid, failing.clone());
             shard.restore(img, &retained, log);
         }
         let seqs: Vec<u64> = self.shards.iter().map(|s| s.startup_barrier()).collect();
@@ -145,6 +146,19 @@ impl Sim {
             }
         }
         any
+    }
+
+    /// Every shard's pending batch fails to be written (disk full, I/O
+    /// error), as the runtime reports it: kept to be written again.
+    pub fn commit_fails(&mut self) {
+        for s in &self.shards {
+            let mut st = s.st.borrow_mut();
+            if let Some(log) = st.log.as_mut() {
+                if let Some((bytes, _)) = log.take(Waker::noop()) {
+                    log.write_failed(bytes);
+                }
+            }
+        }
     }
 
     /// Mesh and commits until nothing moves.

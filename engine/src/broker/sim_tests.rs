@@ -492,3 +492,59 @@ fn a_persistent_sessions_username_survives_restarts_and_compaction() {
     sim.crash(0);
     assert_eq!(username(&sim).as_deref(), Some("ann"));
 }
+
+#[test]
+fn a_failing_disk_holds_acknowledgements_refuses_new_ones_and_recovers() {
+    let mut sim = Sim::new(2);
+    let sub_id = id_on(1, 2, "fsub");
+    let mut sub = sim.connect(connect(&sub_id, Protocol::V5, false));
+    sim.send(&sub, subscribe("f/#", QoS::AtLeastOnce));
+    sim.settle();
+    sim.recv(&mut sub);
+    sim.drop_client(sub);
+    sim.settle();
+    let mut p = sim.connect(connect(&id_on(0, 2, "fpub"), Protocol::V5, true));
+    sim.settle();
+    sim.recv(&mut p);
+    sim.send(&p, publish("f/a", QoS::AtLeastOnce, 1, "held", false));
+    sim.mesh();
+    // Shard 1 cannot write its log.
+    sim.commit_fails();
+    sim.mesh();
+    assert!(
+        sim.recv(&mut p).is_empty(),
+        "acknowledged what is not stored"
+    );
+    // Meanwhile a new durable publish is refused (5.0: 0x97), on any shard.
+    let mut c = connect(&id_on(0, 2, "fpub2"), Protocol::V5, true);
+    c.properties = Properties::default(); // a clean session: not stored
+    let mut q = sim.connect(c);
+    sim.mesh();
+    sim.commit_fails();
+    sim.recv(&mut q);
+    sim.send(&q, publish("f/b", QoS::AtLeastOnce, 1, "refused", false));
+    let got = sim.recv(&mut q);
+    assert!(
+        got.iter()
+            .any(|x| matches!(x, Packet::PubAck(a) if a.reason == 0x97)),
+        "{got:?}"
+    );
+    // The disk works again: the held acknowledgement goes, nothing lost.
+    sim.settle();
+    let got = sim.recv(&mut p);
+    assert!(
+        got.iter()
+            .any(|x| matches!(x, Packet::PubAck(a) if a.packet_id == 1 && a.reason == 0)),
+        "{got:?}"
+    );
+    sim.send(&q, publish("f/c", QoS::AtLeastOnce, 2, "after", false));
+    sim.settle();
+    assert!(sim
+        .recv(&mut q)
+        .iter()
+        .any(|x| matches!(x, Packet::PubAck(a) if a.reason == 0)));
+    sim.crash(0);
+    let mut sub = sim.connect(connect(&sub_id, Protocol::V5, false));
+    sim.settle();
+    assert_eq!(take_qos1(&mut sim, &mut sub), ["held", "after"]);
+}

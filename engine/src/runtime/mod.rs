@@ -152,6 +152,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 .collect(),
         );
         let mut quarantined = o.quarantined + o.corrupt_records;
+        let failing = crate::store::log::Failing::default();
         for (i, (image, tail)) in o.images.into_iter().zip(o.tails).enumerate() {
             stores[i] = Some(ShardStore {
                 image,
@@ -159,6 +160,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 retained: retained.clone(),
                 epoch_unix,
                 quarantined: std::mem::take(&mut quarantined),
+                failing: failing.clone(),
             });
         }
         _lock = Some(o.lock);
@@ -247,12 +249,14 @@ struct ShardStore {
     retained: Arc<Vec<Arc<crate::session::Message>>>,
     epoch_unix: u64,
     quarantined: u64,
+    /// Shared by the shards: how many cannot write their log.
+    failing: crate::store::log::Failing,
 }
 
 async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<ShardStore>) {
     let committer = store.and_then(|s| {
         let cfg = rt.shard.cfg.store.clone()?;
-        let log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid);
+        let log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid, s.failing);
         rt.shard.restore(s.image, &s.retained, log);
         rt.shard.metrics.log_quarantined.set(s.quarantined);
         Some(glommio::spawn_local(wal::committer(

@@ -17,14 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 
-/// Shards whose log cannot be written right now. A durable publish is
-/// refused on every shard meanwhile: its destinations may be anywhere.
-static FAILED_LOGS: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether any shard's log is failing (disk full, I/O errors).
-pub fn any_failed() -> bool {
-    FAILED_LOGS.load(Ordering::Relaxed) > 0
-}
+/// How many of a broker's shards cannot write their log right now (shared
+/// by its shards). A durable publish is refused on every shard meanwhile:
+/// its destinations may be anywhere.
+pub type Failing = Arc<AtomicUsize>;
 use tarta_proto::mqtt::Publish;
 
 pub struct Log {
@@ -52,10 +48,11 @@ pub struct Log {
     /// (epoch, shard, barrier).
     pub barriers: Vec<(u32, usize, u32)>,
     committer: Option<Waker>,
+    failing: Failing,
 }
 
 impl Log {
-    pub fn new(epoch_unix: u64, next_mid: u64) -> Log {
+    pub fn new(epoch_unix: u64, next_mid: u64, failing: Failing) -> Log {
         Log {
             buf: Vec::new(),
             open: 1,
@@ -70,6 +67,7 @@ impl Log {
             snapshot_len: 0,
             barriers: Vec::new(),
             committer: None,
+            failing,
         }
     }
 
@@ -213,13 +211,18 @@ impl Log {
         self.failed
     }
 
+    /// Whether any shard's log is failing (disk full, I/O errors).
+    pub fn any_failed(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) > 0
+    }
+
     pub fn set_failed(&mut self, failed: bool) {
         if failed != self.failed {
             self.failed = failed;
             if failed {
-                FAILED_LOGS.fetch_add(1, Ordering::Relaxed);
+                self.failing.fetch_add(1, Ordering::Relaxed);
             } else {
-                FAILED_LOGS.fetch_sub(1, Ordering::Relaxed);
+                self.failing.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -270,7 +273,7 @@ mod tests {
 
     #[test]
     fn epochs_gate_until_durable_and_wrap() {
-        let mut log = Log::new(0, 1);
+        let mut log = Log::new(0, 1, Default::default());
         let w = Waker::noop();
         assert!(!log.blocks(0), "an idle connection's gate");
         log.append(&Rec::SnapEnd, true);
