@@ -22,6 +22,14 @@ pub struct Broker {
     stderr_path: std::path::PathBuf,
 }
 
+/// (kind, port) of a `tarta listening mqtt/KIND ADDR` line.
+fn listening(line: &str) -> Option<(String, u16)> {
+    let rest = line.strip_prefix("tarta listening mqtt/")?;
+    let (kind, addr) = rest.split_once(' ')?;
+    let port = addr.rsplit(':').next()?.parse().ok()?;
+    Some((kind.to_string(), port))
+}
+
 impl Broker {
     pub fn start() -> Broker {
         Self::start_with(&[])
@@ -64,15 +72,20 @@ impl Broker {
         let mut listeners = Vec::new();
         for line in lines.by_ref() {
             let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("tarta listening mqtt/") {
-                let (kind, addr) = rest.split_once(' ').unwrap();
-                let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-                listeners.push((kind.to_string(), port));
-            }
+            listeners.extend(listening(&line));
             if line.starts_with("tarta started") {
                 break;
             }
         }
+        // Keep draining stdout so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let b = Broker::of(child, listeners, stderr_path);
+        assert!(b.port != 0, "tarta did not report its port");
+        b
+    }
+
+    /// The broker of `child`, with the listeners it reported.
+    fn of(child: Child, listeners: Vec<(String, u16)>, stderr_path: std::path::PathBuf) -> Broker {
         let first = |k: &str| {
             listeners
                 .iter()
@@ -80,9 +93,6 @@ impl Broker {
                 .map_or(0, |l| l.1)
         };
         let (port, ws_port) = (first("tcp"), first("ws"));
-        assert!(port != 0, "tarta did not report its port");
-        // Keep draining stdout so the broker never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
         Broker {
             child,
             port,
@@ -670,13 +680,7 @@ impl Broker {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("tarta listening mqtt/") {
-                        if let Some((kind, addr)) = rest.split_once(' ') {
-                            if let Some(Ok(port)) = addr.rsplit(':').next().map(str::parse) {
-                                listeners.push((kind.to_string(), port));
-                            }
-                        }
-                    }
+                    listeners.extend(listening(&line));
                     if line.starts_with("tarta started") {
                         break None;
                     }
@@ -697,20 +701,7 @@ impl Broker {
             let tail = lines[lines.len().saturating_sub(20)..].join("\n");
             return Err(format!("{why} ({status}); its stderr ends with:\n{tail}"));
         }
-        let first = |k: &str| {
-            listeners
-                .iter()
-                .find(|(kind, _)| kind == k)
-                .map_or(0, |l| l.1)
-        };
-        let (port, ws_port) = (first("tcp"), first("ws"));
-        Ok(Broker {
-            child,
-            port,
-            ws_port,
-            listeners,
-            stderr_path: log.to_path_buf(),
-        })
+        Ok(Broker::of(child, listeners, log.to_path_buf()))
     }
 
     /// SIGKILL (no shutdown of any kind), then reaps the process.

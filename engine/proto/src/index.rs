@@ -524,22 +524,7 @@ mod tests {
 
     impl Arbitrary for Filter {
         fn arbitrary(g: &mut Gen) -> Self {
-            let n = 1 + usize::arbitrary(g) % 5;
-            let mut levels: Vec<&str> = Vec::new();
-            for i in 0..n {
-                let mut level = *g.choose(FILTER_LEVELS).unwrap();
-                if level == "#" && i + 1 < n {
-                    level = "+";
-                }
-                levels.push(level);
-            }
-            let filter = levels.join("/");
-            // A single empty level is the empty string: not a filter.
-            Filter(if filter.is_empty() {
-                "/".into()
-            } else {
-                filter
-            })
+            Filter(crate::testgen::filter(g, FILTER_LEVELS, 5))
         }
     }
 

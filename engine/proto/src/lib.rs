@@ -22,6 +22,8 @@ pub mod index;
 pub mod mqtt;
 pub mod proxy;
 pub mod retain_tree;
+#[cfg(test)]
+mod testgen;
 pub mod topic;
 pub mod ws;
 
