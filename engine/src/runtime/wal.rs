@@ -16,7 +16,7 @@ use super::Rt;
 use crate::broker::metrics::Metrics;
 use crate::config::{FsyncPolicy, StoreConfig};
 use crate::store::disk::{segment_path, Tail};
-use glommio::io::{BufferedFile, OpenOptions};
+use glommio::io::{BufferedFile, DmaFile, OpenOptions};
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::path::PathBuf;
@@ -30,7 +30,8 @@ use tracing::{error, info};
 struct Segment {
     dir: PathBuf,
     seq: u64,
-    file: Rc<BufferedFile>,
+    io: Io,
+    /// Bytes of log in the segment.
     pos: u64,
     /// The file is written (with zeros) up to here: appends below it
     /// overwrite allocated blocks and change no metadata, so a sync is a
@@ -39,13 +40,24 @@ struct Segment {
     zeroed: u64,
 }
 
+/// How a segment is written.
+enum Io {
+    /// Through the page cache (`fsync = interval | never`).
+    Buffered(Rc<BufferedFile>),
+    /// `fsync = always`: direct I/O with O_DSYNC, which io_uring completes
+    /// without a worker thread. Writes are whole blocks: the partial last
+    /// block (`last`, its bytes so far) is written again with the next
+    /// batch.
+    Direct { file: Rc<DmaFile>, last: Vec<u8> },
+}
+
 /// Zeros written ahead of the appends at a time.
 const PREALLOCATE: usize = 1 << 20;
 
 /// What the interval syncer syncs: the current segment, if written to
 /// since its last sync.
 struct Synced {
-    file: RefCell<Rc<BufferedFile>>,
+    file: RefCell<Option<Rc<BufferedFile>>>,
     dirty: Cell<bool>,
 }
 
@@ -56,7 +68,10 @@ async fn syncer(rt: Rc<Rt>, synced: Rc<Synced>, every: Duration) {
         glommio::timer::sleep(every).await;
         if synced.dirty.replace(false) {
             let file = synced.file.borrow().clone();
-            if let Err(e) = file.fdatasync().await {
+            if let Some(Err(e)) = match file {
+                Some(f) => Some(f.fdatasync().await),
+                None => None,
+            } {
                 synced.dirty.set(true);
                 failed(&rt, &format!("log sync failed: {e}"));
             }
@@ -64,64 +79,135 @@ async fn syncer(rt: Rc<Rt>, synced: Rc<Synced>, every: Duration) {
     }
 }
 
+fn write_zero() -> glommio::GlommioError<()> {
+    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+}
+
 impl Segment {
-    /// `dsync`: every write is durable when it completes (O_DSYNC: one
-    /// io_uring operation per batch instead of a write and an fdatasync).
-    async fn open(dir: PathBuf, seq: u64, pos: u64, dsync: bool) -> glommio::Result<Segment, ()> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
-            .buffered_open(segment_path(&dir, seq))
-            .await?;
+    /// `direct`: O_DIRECT | O_DSYNC (fsync = always): every write is
+    /// durable when it completes, one io_uring operation per batch.
+    async fn open(
+        dir: PathBuf,
+        seq: u64,
+        pos: u64,
+        last: Vec<u8>,
+        direct: bool,
+    ) -> glommio::Result<Segment, ()> {
+        let path = segment_path(&dir, seq);
+        let mut opts = OpenOptions::new();
+        opts.write(true).create(true);
+        let io = if direct {
+            let file = opts.custom_flags(libc::O_DSYNC).dma_open(&path).await?;
+            let keep = (pos - file.align_down(pos)) as usize;
+            let last = last[last.len().saturating_sub(keep)..].to_vec();
+            if last.len() != keep {
+                return Err(std::io::Error::other("the segment's last block is unknown").into());
+            }
+            Io::Direct {
+                file: Rc::new(file),
+                last,
+            }
+        } else {
+            Io::Buffered(Rc::new(opts.buffered_open(&path).await?))
+        };
+        let zeroed = match &io {
+            Io::Direct { file, .. } => file.align_up(pos),
+            Io::Buffered(_) => pos,
+        };
         Ok(Segment {
             dir,
             seq,
-            file: Rc::new(file),
+            io,
             pos,
-            zeroed: pos,
+            zeroed,
         })
+    }
+
+    fn buffered(&self) -> Option<Rc<BufferedFile>> {
+        match &self.io {
+            Io::Buffered(f) => Some(f.clone()),
+            Io::Direct { .. } => None,
+        }
+    }
+
+    async fn fdatasync(&self) -> glommio::Result<(), ()> {
+        match &self.io {
+            Io::Buffered(f) => f.fdatasync().await,
+            Io::Direct { file, .. } => file.fdatasync().await,
+        }
     }
 
     /// Writes zeros ahead of the appends when they reach the end of what
     /// is preallocated (start-up cuts a zero tail off as padding).
     async fn preallocate(&mut self, upto: u64) -> glommio::Result<(), ()> {
         while self.zeroed < upto {
-            let n = self
-                .file
-                .write_at(vec![0u8; PREALLOCATE], self.zeroed)
-                .await?;
+            let n = match &self.io {
+                Io::Buffered(f) => f.write_at(vec![0u8; PREALLOCATE], self.zeroed).await?,
+                Io::Direct { file, .. } => {
+                    let mut buf = file.alloc_dma_buffer(PREALLOCATE);
+                    buf.as_bytes_mut().fill(0);
+                    file.write_at(buf, self.zeroed).await?
+                }
+            };
             if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                return Err(write_zero());
             }
             self.zeroed += n as u64;
         }
         Ok(())
     }
 
-    /// Writes all of `bytes` at the end (short writes continue).
+    /// Writes all of `bytes` at the end.
     async fn append(&mut self, bytes: &[u8]) -> glommio::Result<(), ()> {
+        let end = self.pos + bytes.len() as u64;
+        let upto = match &self.io {
+            Io::Direct { file, .. } => file.align_up(end),
+            Io::Buffered(_) => end,
+        };
         // Only an optimisation: without room for it, the appends grow the
         // file as usual.
-        if self
-            .preallocate(self.pos + bytes.len() as u64)
-            .await
-            .is_err()
-        {
-            self.zeroed = self.zeroed.max(self.pos);
+        if self.preallocate(upto).await.is_err() {
+            self.zeroed = self.zeroed.max(upto);
         }
-        let mut done = 0;
-        while done < bytes.len() {
-            let n = self
-                .file
-                .write_at(bytes[done..].to_vec(), self.pos + done as u64)
-                .await?;
-            if n == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+        match &mut self.io {
+            Io::Buffered(f) => {
+                let mut done = 0;
+                while done < bytes.len() {
+                    let n = f
+                        .write_at(bytes[done..].to_vec(), self.pos + done as u64)
+                        .await?;
+                    if n == 0 {
+                        return Err(write_zero());
+                    }
+                    done += n;
+                }
             }
-            done += n;
+            Io::Direct { file, last } => {
+                // The partial last block again, the batch, zeros to the block.
+                let start = self.pos - last.len() as u64;
+                let data = last.len() + bytes.len();
+                let len = file.align_up(data as u64) as usize;
+                let mut buf = file.alloc_dma_buffer(len);
+                let b = buf.as_bytes_mut();
+                b[..last.len()].copy_from_slice(last);
+                b[last.len()..data].copy_from_slice(bytes);
+                b[data..].fill(0);
+                let n = file.write_at(buf, start).await?;
+                if n < data {
+                    return Err(write_zero());
+                }
+                let keep = (end - file.align_down(end)) as usize;
+                let mut next = Vec::with_capacity(keep);
+                if keep > bytes.len() {
+                    next.extend_from_slice(&last[last.len() - (keep - bytes.len())..]);
+                    next.extend_from_slice(bytes);
+                } else {
+                    next.extend_from_slice(&bytes[bytes.len() - keep..]);
+                }
+                *last = next;
+            }
         }
-        self.pos += bytes.len() as u64;
+        self.pos = end;
         Ok(())
     }
 }
@@ -138,7 +224,15 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
     let shard = &rt.shard;
     let dsync = cfg.fsync == FsyncPolicy::Always;
     let mut seg = loop {
-        match Segment::open(tail.dir.clone(), tail.seq, tail.len, dsync).await {
+        match Segment::open(
+            tail.dir.clone(),
+            tail.seq,
+            tail.len,
+            tail.last.clone(),
+            dsync,
+        )
+        .await
+        {
             Ok(s) => break s,
             Err(e) => {
                 failed(
@@ -151,7 +245,7 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
     };
     // fsync = interval: a task of its own syncs the current segment.
     let synced = Rc::new(Synced {
-        file: RefCell::new(seg.file.clone()),
+        file: RefCell::new(seg.buffered()),
         dirty: Cell::new(false),
     });
     if cfg.fsync == FsyncPolicy::Interval {
@@ -161,7 +255,7 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
     loop {
         if compaction_due(&rt, &cfg) {
             compact(&rt, &mut seg, dsync).await;
-            *synced.file.borrow_mut() = seg.file.clone();
+            *synced.file.borrow_mut() = seg.buffered();
             continue;
         }
         // The next epoch; at shutdown, once everything is written, the end.
@@ -179,7 +273,7 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
         .await;
         let Some((bytes, epoch)) = job else {
             if !dsync {
-                if let Err(e) = seg.file.fdatasync().await {
+                if let Err(e) = seg.fdatasync().await {
                     error!(shard = shard.id, "log sync at shutdown failed: {e}");
                 }
             }
@@ -254,9 +348,9 @@ async fn compact(rt: &Rt, seg: &mut Segment, dsync: bool) {
     };
     let new = loop {
         let r = async {
-            let mut s = Segment::open(seg.dir.clone(), seg.seq + 1, 0, dsync).await?;
+            let mut s = Segment::open(seg.dir.clone(), seg.seq + 1, 0, Vec::new(), dsync).await?;
             s.append(&bytes).await?;
-            s.file.fdatasync().await?;
+            s.fdatasync().await?;
             sync_dir(seg.dir.clone()).await?;
             Ok::<_, glommio::GlommioError<()>>(s)
         }
@@ -273,9 +367,10 @@ async fn compact(rt: &Rt, seg: &mut Segment, dsync: bool) {
         }
     };
     let old = std::mem::replace(seg, new);
-    drop(old.file);
-    for s in (1..=old.seq).rev() {
-        if glommio::io::remove(segment_path(&old.dir, s))
+    let (old_dir, old_seq) = (old.dir.clone(), old.seq);
+    drop(old);
+    for s in (1..=old_seq).rev() {
+        if glommio::io::remove(segment_path(&old_dir, s))
             .await
             .is_err()
         {

@@ -26,6 +26,27 @@ pub struct Tail {
     pub dir: PathBuf,
     pub seq: u64,
     pub len: u64,
+    /// The segment's last bytes (up to 4 KiB): direct I/O rewrites the
+    /// partial block they are in.
+    pub last: Vec<u8>,
+}
+
+/// The last bytes (up to 4 KiB) of the first `len` bytes of a file.
+fn last_bytes(path: &Path, len: u64) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let n = len.min(4096);
+    let mut buf = vec![0u8; n as usize];
+    let ok = File::open(path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(len - n))?;
+            f.read_exact(&mut buf)
+        })
+        .is_ok();
+    if ok {
+        buf
+    } else {
+        Vec::new()
+    }
 }
 
 impl Tail {
@@ -352,7 +373,8 @@ fn write_generation(
         f.write_all(&buf).map_err(|e| err("write", &path, e))?;
         f.sync_all().map_err(|e| err("sync", &path, e))?;
         sync_dir(&dir).map_err(|e| err("sync", &dir, e))?;
-        tails.push((i, buf.len() as u64));
+        let last = buf[buf.len().saturating_sub(4096)..].to_vec();
+        tails.push((i, buf.len() as u64, last));
     }
     let meta = tmp.join("meta");
     fs::write(&meta, format!("shards = {}\n", images.len())).map_err(|e| err("write", &meta, e))?;
@@ -365,10 +387,11 @@ fn write_generation(
     sync_dir(data).map_err(|e| err("sync", data, e))?;
     Ok(tails
         .into_iter()
-        .map(|(i, len)| Tail {
+        .map(|(i, len, last)| Tail {
             dir: dir.join(format!("shard-{i}")),
             seq: 1,
             len,
+            last,
         })
         .collect())
 }
@@ -510,12 +533,14 @@ fn recover_shard(
                 dir: dir.to_path_buf(),
                 seq: *seq,
                 len,
+                last: last_bytes(&path, len),
             }
         }
         None => Tail {
             dir: dir.to_path_buf(),
             seq: seqs.last().copied().unwrap_or(0) + 1,
             len: 0,
+            last: Vec::new(),
         },
     };
     Ok(Recovered {
