@@ -82,9 +82,8 @@ def main():
     ap.add_argument("--tarta", default=os.path.join(ROOT, "target/release/tarta"))
     ap.add_argument("--store-gen", default=os.path.join(ROOT, "target/release/store_gen"))
     args = ap.parse_args()
-    for exe, pkg in ((args.tarta, "tarta"), (args.store_gen, "tarta-bench")):
-        if not os.path.exists(exe):
-            subprocess.run(["cargo", "build", "--release", "-p", pkg], cwd=ROOT, check=True)
+    # Always built: store_gen must write the log format this tarta reads.
+    subprocess.run(["cargo", "build", "--release", "-p", "tarta", "-p", "tarta-bench"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="tarta-recovery-")
     data = os.path.join(work, "data")
     gen = subprocess.run([args.store_gen, "--dir", data, "--retained", str(args.retained),

@@ -97,7 +97,13 @@ impl Segment {
         let mut opts = OpenOptions::new();
         opts.write(true).create(true);
         let io = if direct {
-            let file = opts.custom_flags(libc::O_DSYNC).dma_open(&path).await?;
+            // Read access too: glommio probes polled I/O with a read (a
+            // write-only file makes that probe fail, and log it as an error).
+            let file = opts
+                .read(true)
+                .custom_flags(libc::O_DSYNC)
+                .dma_open(&path)
+                .await?;
             let keep = (pos - file.align_down(pos)) as usize;
             let last = last[last.len().saturating_sub(keep)..].to_vec();
             if last.len() != keep {
