@@ -1,7 +1,8 @@
 //! The log writer of one shard (group commit): takes everything the shard
 //! appended since the last write (one epoch), writes it to the current
-//! segment with one io_uring write, syncs it (`fsync = always`), reports
-//! the epoch durable, and repeats; a batch builds up while the previous
+//! segment with one io_uring write (with `fsync = always` a direct,
+//! O_DSYNC write: durable when it completes), reports the epoch durable,
+//! and repeats; a batch builds up while the previous
 //! one is on its way to the disk. It also compacts: once the log has grown
 //! past `log_compact_bytes` and past its last snapshot, the live state is
 //! written as a snapshot into a new segment and the older ones are deleted.
