@@ -256,7 +256,9 @@ struct ShardStore {
 async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<ShardStore>) {
     let committer = store.and_then(|s| {
         let cfg = rt.shard.cfg.store.clone()?;
-        let log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid, s.failing);
+        let mut log = crate::store::log::Log::new(s.epoch_unix, s.image.next_mid, s.failing);
+        // The next compaction waits until the log has grown past what it holds.
+        log.snapshot_len = s.tail.len;
         rt.shard.restore(s.image, &s.retained, log);
         rt.shard.metrics.log_quarantined.set(s.quarantined);
         Some(glommio::spawn_local(wal::committer(

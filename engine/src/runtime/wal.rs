@@ -353,6 +353,8 @@ async fn compact(rt: &Rt, seg: &mut Segment, dsync: bool) {
     let Some(epoch) = shard.compact_into(&mut bytes) else {
         return;
     };
+    // The shard's pause: its live state serialised in one step.
+    let built_ms = started.elapsed().as_millis() as u64;
     let new = loop {
         let r = async {
             let mut s = Segment::open(seg.dir.clone(), seg.seq + 1, 0, Vec::new(), dsync).await?;
@@ -396,6 +398,7 @@ async fn compact(rt: &Rt, seg: &mut Segment, dsync: bool) {
     info!(
         shard = shard.id,
         bytes = bytes.len(),
+        built_ms,
         ms = started.elapsed().as_millis() as u64,
         "write-ahead log compacted"
     );
