@@ -971,6 +971,20 @@ mod tests {
         }
     }
 
+    /// A tree holding `topics` (each its own value), checked, and the same set.
+    fn stored_tree<'a>(
+        topics: impl IntoIterator<Item = &'a str>,
+    ) -> (RetainTree<String>, BTreeSet<String>) {
+        let mut tree = RetainTree::new();
+        let mut stored = BTreeSet::new();
+        for t in topics {
+            tree.insert(t, t.to_string());
+            stored.insert(t.to_string());
+        }
+        tree.check();
+        (tree, stored)
+    }
+
     fn qc() -> QuickCheck {
         QuickCheck::new().tests(2_000).rng(Gen::new(30))
     }
@@ -996,13 +1010,7 @@ mod tests {
     #[test]
     fn matches_agree_with_the_reference_matcher() {
         fn prop(topics: Vec<Topic>, removed: Vec<usize>, filters: Vec<Filter>) -> bool {
-            let mut tree = RetainTree::new();
-            let mut stored = BTreeSet::new();
-            for t in &topics {
-                tree.insert(&t.0, t.0.clone());
-                stored.insert(t.0.clone());
-            }
-            tree.check();
+            let (mut tree, mut stored) = stored_tree(topics.iter().map(|t| t.0.as_str()));
             if !agrees(&tree, &stored, &filters) {
                 return false;
             }
@@ -1044,13 +1052,7 @@ mod tests {
             .iter()
             .map(|f| Filter(f.to_string()))
             .collect();
-            let mut tree = RetainTree::new();
-            let mut stored = BTreeSet::new();
-            for t in &topics {
-                tree.insert(&t.0, t.0.clone());
-                stored.insert(t.0.clone());
-            }
-            tree.check();
+            let (mut tree, mut stored) = stored_tree(topics.iter().map(|t| t.0.as_str()));
             if !agrees(&tree, &stored, &filters) {
                 return false;
             }

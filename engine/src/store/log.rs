@@ -21,7 +21,7 @@ use std::task::Waker;
 /// by its shards). A durable publish is refused on every shard meanwhile:
 /// its destinations may be anywhere.
 pub type Failing = Arc<AtomicUsize>;
-use tarta_proto::mqtt::Publish;
+use tarta_proto::mqtt::{PublishHeader, QoS};
 
 pub struct Log {
     buf: Vec<u8>,
@@ -76,6 +76,10 @@ impl Log {
     pub fn append(&mut self, rec: &Rec, gating: bool) {
         let was_empty = self.buf.is_empty();
         record::encode(rec, &mut self.buf);
+        self.appended(was_empty, gating);
+    }
+
+    fn appended(&mut self, was_empty: bool, gating: bool) {
         if gating {
             self.gating += 1;
         }
@@ -111,8 +115,9 @@ impl Log {
         }
         let mid = self.next_mid;
         self.next_mid += 1;
-        let rec = message_record(msg, mid, self.epoch_unix);
-        self.append(&rec, true);
+        let was_empty = self.buf.is_empty();
+        encode_message(&mut self.buf, msg, mid, self.epoch_unix);
+        self.appended(was_empty, true);
         self.last_msg = Some((msg.clone(), mid));
         mid
     }
@@ -244,26 +249,20 @@ impl Log {
     }
 }
 
-/// A message as its log record. Its expiry becomes a unix second.
-pub fn message_record(msg: &Message, mid: u64, epoch_unix: u64) -> Rec {
-    Rec::Msg {
-        mid,
-        expires: msg.expires_at.map_or(0, |s| epoch_unix + s),
-        uid: msg.uid,
-        publish: Publish {
-            dup: false,
-            qos: msg.qos,
-            retain: msg.retain,
-            topic: msg.topic.clone(),
-            packet_id: if msg.qos == tarta_proto::mqtt::QoS::AtMostOnce {
-                0
-            } else {
-                1
-            },
-            properties: msg.properties.clone(),
-            payload: msg.payload.clone(),
-        },
-    }
+/// Appends a message's `Msg` record (its expiry as a unix second),
+/// straight from the shared message: nothing of it is copied but bytes.
+pub fn encode_message(out: &mut Vec<u8>, msg: &Message, mid: u64, epoch_unix: u64) {
+    let h = PublishHeader {
+        dup: false,
+        qos: msg.qos,
+        retain: msg.retain,
+        topic: msg.topic.as_bytes(),
+        packet_id: if msg.qos == QoS::AtMostOnce { 0 } else { 1 },
+        properties: &msg.properties,
+        payload_len: msg.payload.len(),
+    };
+    let expires = msg.expires_at.map_or(0, |s| epoch_unix + s);
+    record::encode_msg(out, mid, expires, msg.uid, &h, &msg.payload);
 }
 
 #[cfg(test)]

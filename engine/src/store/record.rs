@@ -11,7 +11,9 @@
 //! them.
 
 use bytes::BytesMut;
-use tarta_proto::mqtt::{self, Packet, Properties, Protocol, Publish, QoS, SubOptions, Will};
+use tarta_proto::mqtt::{
+    self, Packet, Properties, Protocol, Publish, PublishHeader, QoS, SubOptions, Will,
+};
 use tarta_proto::ByteStr;
 
 /// Frame header: length, CRC32C, type.
@@ -150,9 +152,14 @@ const T_ROUTED: u8 = 19;
 
 /// Appends one framed record to `out`.
 pub fn encode(rec: &Rec, out: &mut Vec<u8>) {
+    framed(out, |out| body(rec, out));
+}
+
+/// Frames what `body` appends (it returns the record type).
+fn framed(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>) -> u8) {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
-    let ty = body(rec, out);
+    let ty = body(out);
     out[start + 8] = ty;
     let len = (out.len() - start - HEADER) as u32;
     let crc = crc32c::crc32c(&out[start + 8..]);
@@ -188,10 +195,41 @@ fn opts_byte(o: &SubOptions) -> u8 {
 
 /// A PUBLISH as MQTT 5 encodes it: the message format on disk.
 fn put_publish(out: &mut Vec<u8>, p: &Publish) {
-    let mut b = BytesMut::new();
-    mqtt::encode(&Packet::Publish(p.clone()), Protocol::V5, &mut b);
-    put_u32(out, b.len() as u32);
-    out.extend_from_slice(&b);
+    put_publish_parts(out, &PublishHeader::of(p), &p.payload);
+}
+
+fn put_publish_parts(out: &mut Vec<u8>, h: &PublishHeader<'_>, payload: &[u8]) {
+    // The header is small: encoded in a reused buffer, then copied.
+    thread_local! {
+        static HEAD: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+    }
+    HEAD.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        h.encode(Protocol::V5, &mut b);
+        put_u32(out, (b.len() + payload.len()) as u32);
+        out.extend_from_slice(&b);
+    });
+    out.extend_from_slice(payload);
+}
+
+/// Appends a `Msg` record straight from a message's parts (what
+/// `encode(&Rec::Msg { .. })` writes, without building the record).
+pub fn encode_msg(
+    out: &mut Vec<u8>,
+    mid: u64,
+    expires: u64,
+    uid: u64,
+    h: &PublishHeader<'_>,
+    payload: &[u8],
+) {
+    framed(out, |out| {
+        put_u64(out, mid);
+        put_u64(out, expires);
+        put_u64(out, uid);
+        put_publish_parts(out, h, payload);
+        T_MSG
+    });
 }
 
 fn body(rec: &Rec, out: &mut Vec<u8>) -> u8 {
@@ -667,6 +705,30 @@ mod tests {
             assert_eq!(n, buf.len());
             assert_eq!(decode(ty, body), Ok(rec));
         }
+    }
+
+    #[test]
+    fn a_message_encoded_from_its_parts_is_the_same_record() {
+        let Rec::Msg { publish, .. } = &samples()[3] else {
+            panic!("sample 3 is a message")
+        };
+        let rec = Rec::Msg {
+            mid: 4,
+            expires: 5,
+            uid: 6,
+            publish: publish.clone(),
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode(&rec, &mut a);
+        encode_msg(
+            &mut b,
+            4,
+            5,
+            6,
+            &PublishHeader::of(publish),
+            &publish.payload,
+        );
+        assert_eq!(a, b);
     }
 
     #[test]

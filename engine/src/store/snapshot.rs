@@ -2,7 +2,7 @@
 //! logs rewritten at start when the shard count changed) is `SnapBegin`,
 //! every persistent session and retained message, `SnapEnd`.
 
-use super::log::message_record;
+use super::log::encode_message;
 use super::record::{encode, Rec};
 use crate::session::{Message, Session};
 use std::collections::HashMap;
@@ -42,7 +42,7 @@ impl<'a> SnapWriter<'a> {
         }
         let mid = self.next_mid;
         self.next_mid += 1;
-        encode(&message_record(m, mid, self.epoch_unix), self.out);
+        encode_message(self.out, m, mid, self.epoch_unix);
         self.mids.insert(Arc::as_ptr(m), mid);
         mid
     }

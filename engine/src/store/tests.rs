@@ -3,7 +3,7 @@
 //! damaged, recovers exactly the state of the last complete record.
 
 use super::disk::scan;
-use super::log::message_record;
+use super::log::encode_message;
 use super::record::{encode, Rec};
 use super::replay::Replay;
 use super::snapshot::SnapWriter;
@@ -124,7 +124,7 @@ fn run(seed: u64, ops: usize) -> (Vec<u8>, Vec<(usize, Print)>) {
                     share: None,
                 };
                 if s.accepts(qos, online) {
-                    encode(&message_record(&msg, mid, 0), &mut log);
+                    encode_message(&mut log, &msg, mid, 0);
                     let rec = Rec::Enq {
                         sid: SID,
                         mid,
