@@ -13,6 +13,7 @@
 //! - [`ws`]: MQTT over WebSocket: upgrade handshake, frame decoding with in-place unmasking.
 //! - [`acl`]: Mosquitto `acl_file` access control lists, resolved per client.
 //! - [`proxy`]: the HAProxy PROXY protocol (v1 and v2) header a trusted load balancer sends first.
+//! - [`passwd`]: Mosquitto password files (`$7$` PBKDF2-SHA512, `$6$` SHA-512).
 //! - [`cidr`]: address ranges for `trusted_proxies` lists.
 
 pub mod acl;
@@ -20,6 +21,7 @@ mod bytestr;
 pub mod cidr;
 pub mod index;
 pub mod mqtt;
+pub mod passwd;
 pub mod proxy;
 pub mod retain_tree;
 #[cfg(test)]
