@@ -73,7 +73,7 @@ pub struct Fanout {
 
 impl Fanout {
     pub fn new(subscribers: usize, payload_len: usize) -> Result<Fanout, String> {
-        let shard = Shard::new(0, 1, Arc::new(default_config()?), None);
+        let shard = Shard::new(0, 1, Arc::new(default_config()?), Default::default());
         let publisher = connected(&shard, 0, "publisher".into())?;
         let mut subs = Vec::with_capacity(subscribers);
         for i in 0..subscribers {

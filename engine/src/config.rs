@@ -56,6 +56,15 @@ pub struct Cli {
     /// Mosquitto-format ACL file.
     #[arg(long = "acl-file", value_name = "FILE")]
     pub acl_file: Option<PathBuf>,
+    /// Mosquitto-format password file (`user:$7$...`; `tarta passwd`
+    /// writes one). With it, clients must authenticate unless
+    /// --allow-anonymous true.
+    #[arg(long = "password-file", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Whether clients without a username may connect (default: true
+    /// without a password file, false with one).
+    #[arg(long = "allow-anonymous", value_name = "BOOL")]
+    pub allow_anonymous: Option<bool>,
     /// Largest keep-alive a client may ask for, in seconds.
     #[arg(long = "max-keepalive", value_name = "SECS")]
     pub max_keepalive: Option<u16>,
@@ -114,6 +123,9 @@ pub struct FileConfig {
     pub shards: Option<usize>,
     pub pin: Option<bool>,
     pub acl_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub allow_anonymous: Option<bool>,
+    pub auth_failure_delay_ms: Option<u64>,
     pub max_keepalive: Option<u16>,
     pub log: Option<String>,
     pub max_packet_size: Option<u32>,
@@ -175,6 +187,8 @@ pub struct ListenerFile {
     pub trusted_proxies: Option<Vec<String>>,
     pub ws_path: Option<String>,
     pub max_connections: Option<usize>,
+    pub password_file: Option<PathBuf>,
+    pub allow_anonymous: Option<bool>,
 }
 
 /// A resolved listener.
@@ -191,6 +205,10 @@ pub struct Listener {
     pub ws: HandshakeConfig,
     /// Connections open at once on this listener (0 = no limit).
     pub max_connections: usize,
+    /// The password file clients of this listener authenticate against.
+    pub password_file: Option<PathBuf>,
+    /// Whether clients without credentials may connect here.
+    pub allow_anonymous: bool,
 }
 
 impl Listener {
@@ -213,6 +231,9 @@ pub struct Config {
     pub shards: usize,
     pub pin: bool,
     pub acl_file: Option<PathBuf>,
+    /// How long a refused login waits before its CONNACK (slows guessing;
+    /// the shard goes on meanwhile).
+    pub auth_failure_delay_ms: u64,
     /// Largest keep-alive accepted (3.x clients asking for more are refused
     /// with "identifier rejected", as Mosquitto does; 0 = no limit).
     pub max_keepalive: u16,
@@ -287,6 +308,8 @@ impl Config {
             max_request: file.ws_max_request.unwrap_or(defaults.max_request),
         };
         let trusted = parse_cidrs(file.trusted_proxies.as_deref().unwrap_or_default())?;
+        let password_file = cli.password_file.clone().or(file.password_file);
+        let allow_anonymous = cli.allow_anonymous.or(file.allow_anonymous);
         let plain = |bind, protocol| Listener {
             bind,
             protocol,
@@ -295,6 +318,8 @@ impl Config {
             trusted_proxies: trusted.clone(),
             ws: ws.clone(),
             max_connections: 0,
+            password_file: password_file.clone(),
+            allow_anonymous: allow_anonymous.unwrap_or(password_file.is_none()),
         };
         // Listeners: flags replace the file's; the defaults apply only when
         // no listener is configured anywhere.
@@ -335,6 +360,15 @@ impl Config {
                     l.ws.path = path;
                 }
                 l.max_connections = t.max_connections.unwrap_or(0);
+                if let Some(pw) = t.password_file {
+                    l.password_file = Some(pw);
+                }
+                // Per listener, else the global setting, else "only
+                // without a password file".
+                l.allow_anonymous = t
+                    .allow_anonymous
+                    .or(allow_anonymous)
+                    .unwrap_or(l.password_file.is_none());
                 listeners.push(l);
             }
         }
@@ -353,6 +387,7 @@ impl Config {
             shards: cli.shards.or(file.shards).unwrap_or(cpus),
             pin: !cli.no_pin && file.pin.unwrap_or(true),
             acl_file: cli.acl_file.or(file.acl_file),
+            auth_failure_delay_ms: file.auth_failure_delay_ms.unwrap_or(1000),
             max_keepalive: cli.max_keepalive.or(file.max_keepalive).unwrap_or(65535),
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             max_packet_size: file.max_packet_size.unwrap_or(16 * 1024 * 1024),

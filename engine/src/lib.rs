@@ -6,7 +6,9 @@
 //!   tasks, the mesh pump, the ticker, shutdown.
 //! - [`broker`]: one shard's state and what it does with packets: sessions,
 //!   local topic index, routing table, retained messages. No I/O.
+//! - [`security`]: password files and the ACL, read at start and on SIGHUP.
 //! - [`session`]: one client's QoS state machine. No I/O, no clock.
+//! - [`passwd_tool`]: `tarta passwd`, the password-file tool.
 //! - [`mesh`]: bounded crossbeam channels between shards plus doorbells.
 //! - [`wheel`]: the timer wheel for keep-alive and CONNECT timeouts.
 //! - [`transport`]: the layers between a socket and MQTT (PROXY header,
@@ -18,7 +20,9 @@
 pub mod broker;
 pub mod config;
 pub mod mesh;
+pub mod passwd_tool;
 pub mod runtime;
+pub mod security;
 pub mod session;
 pub mod store;
 pub mod transport;

@@ -67,6 +67,10 @@ mod census {
 fn main() {
     #[cfg(feature = "alloc-census")]
     census::start();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("passwd") {
+        std::process::exit(tarta::passwd_tool::main(&args[2..]));
+    }
     let cli = Cli::parse();
     let cfg = match Config::load(cli) {
         Ok(c) => c,

@@ -377,10 +377,14 @@ pub fn has_disconnect(got: &[Packet], reason: u8) -> bool {
 
 /// Reads a `$SYS` counter summed over shards, via a raw subscriber.
 pub fn sys_counter(port: u16, name: &str) -> u64 {
-    let (mut r, _) = Raw::connect(
-        port,
-        connect_packet(Protocol::V311, &format!("sys-{}", rand_u64()), true, 0),
-    );
+    let c = connect_packet(Protocol::V311, &format!("sys-{}", rand_u64()), true, 0);
+    sys_counter_as(port, c, name)
+}
+
+/// `sys_counter` for a client that connects with `c` (credentials).
+pub fn sys_counter_as(port: u16, c: Connect, name: &str) -> u64 {
+    let (mut r, a) = Raw::connect(port, c);
+    assert_eq!(a.code, 0, "$SYS reader refused");
     r.send(&Packet::Subscribe(mqtt::Subscribe {
         packet_id: 1,
         filters: vec![(

@@ -64,6 +64,8 @@ pub enum HashError {
     BadIterations,
     BadSalt,
     BadHash,
+    /// The system's random number generator failed (making a salt).
+    NoRandom,
 }
 
 impl fmt::Display for HashError {
@@ -76,6 +78,7 @@ impl fmt::Display for HashError {
             HashError::BadIterations => "the iteration count is not a number in 1..=10000000",
             HashError::BadSalt => "the salt is not valid base64",
             HashError::BadHash => "the hash is not 64 bytes of base64",
+            HashError::NoRandom => "the system's random number generator failed",
         })
     }
 }
@@ -96,6 +99,16 @@ impl Hash {
             salt: salt.to_vec(),
             hash,
         }
+    }
+
+    /// Hashes `password` with a fresh random salt (what `tarta passwd` writes).
+    pub fn new(password: &[u8], iterations: NonZeroU32) -> Result<Hash, HashError> {
+        use ring::rand::SecureRandom;
+        let mut salt = [0u8; SALT_LEN];
+        ring::rand::SystemRandom::new()
+            .fill(&mut salt)
+            .map_err(|_| HashError::NoRandom)?;
+        Ok(Hash::pbkdf2(password, iterations, &salt))
     }
 
     /// Parses `$7$ITERATIONS$SALT$HASH` or `$6$SALT$HASH`.

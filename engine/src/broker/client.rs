@@ -42,6 +42,7 @@ pub fn on_packet(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
 
 fn handle(shard: &Shard, conn: &Rc<Conn>, p: Packet) -> Flow {
     conn.heard(shard.now.get());
+    shard.check_security();
     let (connected, protocol) = {
         let st = conn.state.borrow();
         (st.connected, st.protocol)
@@ -176,7 +177,7 @@ pub fn on_decode_error(conn: &Conn, e: &DecodeError) -> CloseReason {
     }
 }
 
-fn refuse(conn: &Conn, protocol: Protocol, v3: u8, v5: u8) -> Flow {
+pub fn refuse(conn: &Conn, protocol: Protocol, v3: u8, v5: u8) -> Flow {
     let code = if protocol.is_v5() { v5 } else { v3 };
     let p = Packet::ConnAck(ConnAck {
         session_present: false,
@@ -251,10 +252,7 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
             };
         }
     }
-    let acl = shard
-        .acl
-        .as_ref()
-        .map(|a| Box::new(a.for_client(&client_id, c.username.as_deref())));
+    let acl = shard.client_acl(&client_id, c.username.as_deref());
     // 3.x: clean session 0 keeps the session (no expiry); 5.0: Session
     // Expiry Interval (0: ends with the connection, 0xFFFFFFFF: never).
     let expiry = if v5 {
@@ -340,9 +338,9 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         // (MQTT-3.1.3-9): their timers see a newer generation.
         entry.generation = entry.generation.wrapping_add(1);
         entry.set_will(None);
-        // Kept with a persistent session (its ACL after a restart).
-        let username = c.username.clone().filter(|_| persistent);
-        entry.set_username(username);
+        // For the ACL after a reload (and, logged with a persistent
+        // session, after a restart).
+        entry.set_username(c.username.clone());
         // Connected: the bound is soft (backpressure), the hard bound 8x.
         entry.session.max_queued = cfg.max_queued_messages.saturating_mul(8);
     }

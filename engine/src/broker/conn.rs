@@ -38,6 +38,8 @@ pub enum CloseReason {
     NotAuthorized,
     /// CONNACK with a refusal code was sent.
     Refused,
+    /// CONNACK refused the credentials (sent after `auth_failure_delay_ms`).
+    AuthRefused,
     /// WebSocket protocol violation: closed with this WS close code.
     Ws {
         code: u16,
@@ -127,6 +129,20 @@ impl CloseReason {
         )
     }
 
+    /// The server ended the exchange while the client may still be
+    /// writing: the close drains the client's input before closing.
+    pub fn server_initiated(&self) -> bool {
+        !matches!(
+            self,
+            CloseReason::ClientDisconnect
+                | CloseReason::ClientDisconnectWithWill
+                | CloseReason::PeerGone
+                | CloseReason::Shutdown
+                | CloseReason::HandedOff
+                | CloseReason::WsClosed
+        )
+    }
+
     /// Whether the will message is published (MQTT-3.1.2-8, -10).
     pub fn publishes_will(&self) -> bool {
         !matches!(
@@ -134,6 +150,7 @@ impl CloseReason {
             CloseReason::ClientDisconnect
                 | CloseReason::HandedOff
                 | CloseReason::Refused
+                | CloseReason::AuthRefused
                 | CloseReason::Http { .. }
         )
     }

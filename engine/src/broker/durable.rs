@@ -272,10 +272,7 @@ impl Shard {
             s.session.persistent = true;
             s.session.logged = true;
             let user = s.username.clone();
-            let acl = self
-                .acl
-                .as_ref()
-                .map(|a| Box::new(a.for_client(&id, user.as_deref())));
+            let acl = self.client_acl(&id, user.as_deref());
             let entry = SessionEntry {
                 session: s.session,
                 conn: None,

@@ -39,6 +39,8 @@ counters! {
     tls_failed: "TLS connections closed for a failed handshake or a TLS error (bad ClientHello, plain client on a TLS port, unknown or expired client certificate, bad record).",
     proxy_untrusted: "Connections closed on a PROXY protocol listener because the peer is not in trusted_proxies.",
     proxy_malformed: "Connections closed for a malformed or missing PROXY protocol header.",
+    auth_failed: "Logins refused for an unknown user or a wrong password (CONNACK 0x04 / 0x86).",
+    auth_anonymous_refused: "Logins refused for missing credentials where they are required (CONNACK 0x05 / 0x87).",
     refused_listener_full: "Connections refused because their listener reached max_connections.",
     refused_storage: "QoS 1/2 publishes refused (5.0: reason 0x97; 3.x: closed without the acknowledgement) while the log could not be written.",
     log_commits: "Write-ahead log batches made durable (one write, and one fdatasync with fsync = always, each).",

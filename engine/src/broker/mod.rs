@@ -22,6 +22,7 @@ mod sim_tests;
 mod tick;
 
 use crate::config::Config;
+use crate::security::SecurityCell;
 use crate::session::{Delivery, Enqueued, Message, Session};
 use crate::store::log::Log;
 use crate::store::record::Rec;
@@ -315,7 +316,12 @@ pub struct Shard {
     pub id: usize,
     pub n: usize,
     pub cfg: Arc<Config>,
-    pub acl: Option<Arc<Acl>>,
+    /// Password files and the ACL (replaced on SIGHUP).
+    pub security: Arc<SecurityCell>,
+    /// The security generation this shard's clients' ACLs were resolved with.
+    pub security_seen: Cell<u64>,
+    /// The ACL of that generation.
+    pub acl: RefCell<Option<Arc<Acl>>>,
     pub st: RefCell<State>,
     pub metrics: Metrics,
     /// Seconds since the shard started (set by the runtime's ticker).
@@ -339,12 +345,15 @@ pub struct Shard {
 const OUTBOX_HIGH: usize = 64 * 1024;
 
 impl Shard {
-    pub fn new(id: usize, n: usize, cfg: Arc<Config>, acl: Option<Arc<Acl>>) -> Shard {
+    pub fn new(id: usize, n: usize, cfg: Arc<Config>, security: Arc<SecurityCell>) -> Shard {
+        let current = security.load();
         Shard {
             id,
             n,
             cfg,
-            acl,
+            security_seen: Cell::new(current.generation),
+            acl: RefCell::new(current.acl.clone()),
+            security,
             st: RefCell::new(State {
                 clients: Clients::default(),
                 sessions: Slab::new(),
@@ -877,6 +886,33 @@ impl Shard {
             if let Some(conn) = h.conn.upgrade() {
                 self.send_suback(st, &conn, h.sid, h.suback, h.retained);
             }
+        }
+    }
+}
+
+impl Shard {
+    /// A client's ACL under the current rules (None: no ACL file).
+    pub fn client_acl(&self, client_id: &str, username: Option<&str>) -> Option<Box<ClientAcl>> {
+        self.acl
+            .borrow()
+            .as_ref()
+            .map(|a| Box::new(a.for_client(client_id, username)))
+    }
+
+    /// After a SIGHUP reload: re-resolves every session's ACL, so that the
+    /// new rules apply to the next publish and subscription at once.
+    /// (Subscriptions already granted keep delivering.)
+    pub fn check_security(&self) {
+        let g = self.security.generation();
+        if g == self.security_seen.get() {
+            return;
+        }
+        self.security_seen.set(g);
+        *self.acl.borrow_mut() = self.security.load().acl.clone();
+        let mut st = self.st.borrow_mut();
+        for (_, e) in st.sessions.iter_mut() {
+            let user = e.username().map(|u| u.to_string());
+            e.acl = self.client_acl(&e.session.client_id, user.as_deref());
         }
     }
 }

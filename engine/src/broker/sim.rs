@@ -72,7 +72,7 @@ impl Sim {
             .flat_map(|i: &Image| i.retained.iter().cloned())
             .collect();
         self.shards = (0..self.n)
-            .map(|id| Shard::new(id, self.n, self.cfg.clone(), None))
+            .map(|id| Shard::new(id, self.n, self.cfg.clone(), Default::default()))
             .collect();
         let failing = crate::store::log::Failing::default();
         for (shard, img) in self.shards.iter().zip(images) {

@@ -100,6 +100,7 @@ impl Shard {
     /// session expiry and delayed wills.
     pub fn on_tick(&self, now: u64) {
         self.now.set(now);
+        self.check_security();
         let mut due = Vec::new();
         let mut st = self.st.borrow_mut();
         self.run_timers(&mut st, now);

@@ -19,6 +19,7 @@ use crate::broker::client::{self, Flow};
 use crate::broker::conn::{CloseReason, Conn, OutQueue};
 use crate::broker::metrics::Metrics;
 use crate::broker::{home_shard, Handoff, ShardMsg};
+use crate::security::{Admission, Refusal};
 use crate::transport::{Layers, Ws};
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::{poll_fn, Future};
@@ -27,9 +28,11 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tarta_proto::mqtt::{self, Connect, Packet};
+use tarta_proto::passwd::{PasswordFile, Verdict};
 use tarta_proto::proxy::{self, Parsed, Proxied};
 use tarta_proto::ws::{close, frame, handshake, Handshake, WsEvent};
 use tracing::{debug, warn};
@@ -42,6 +45,21 @@ const IOV_MAX: usize = 64;
 enum Outcome {
     Close(CloseReason),
     Handoff(Box<Connect>, Bytes),
+    /// CONNECT's password must be checked (off the shard) before it goes on.
+    Authenticate(Box<Connect>, Bytes, Arc<PasswordFile>),
+}
+
+/// What the task waits for before reading again.
+enum Pending {
+    /// Decided before the first poll (adopted connections).
+    Outcome(Outcome),
+    /// A password being checked on the shard's blocking thread; the
+    /// connection reads nothing meanwhile.
+    Auth {
+        verdict: Pin<Box<dyn Future<Output = Verdict>>>,
+        connect: Box<Connect>,
+        rest: Bytes,
+    },
 }
 
 struct Io {
@@ -71,8 +89,8 @@ pub struct ConnTask {
     rt: Rc<Rt>,
     conn: Rc<Conn>,
     io: Option<Io>,
-    /// An outcome decided before the first poll (adopted connections).
-    early: Option<Box<Outcome>>,
+    /// An outcome decided before the first poll, or a password check.
+    pending: Option<Box<Pending>>,
     /// The closing sequence, boxed: rare, and it holds a timer.
     closing: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
@@ -105,14 +123,14 @@ fn run(rt: Rc<Rt>, fd: OwnedFd, key: TaskKey, conn: Rc<Conn>, start: Start) -> C
         partial: BytesMut::new(),
         layers,
     };
-    let early = initial
+    let pending = initial
         .and_then(|init| start_adopted(&rt, &conn, &mut io, init))
-        .map(Box::new);
+        .map(|o| Box::new(Pending::Outcome(o)));
     ConnTask {
         rt,
         conn,
         io: Some(io),
-        early,
+        pending,
         closing: None,
     }
 }
@@ -129,13 +147,36 @@ impl Future for ConnTask {
             let Some(io) = &mut this.io else {
                 return Poll::Ready(());
             };
-            let outcome = match this.early.take() {
-                Some(o) => *o,
+            if let Some(Pending::Auth { verdict, .. }) = this.pending.as_deref_mut() {
+                let Poll::Ready(v) = verdict.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let Some(p) = this.pending.take() else {
+                    continue;
+                };
+                let Pending::Auth { connect, rest, .. } = *p else {
+                    continue;
+                };
+                if let Some(o) = after_auth(&this.rt, &this.conn, io, v, connect, rest) {
+                    this.pending = Some(Box::new(Pending::Outcome(o)));
+                }
+                continue;
+            }
+            let outcome = match this.pending.take().map(|p| *p) {
+                Some(Pending::Outcome(o)) => o,
+                Some(p @ Pending::Auth { .. }) => {
+                    this.pending = Some(Box::new(p));
+                    continue;
+                }
                 None => match io.poll(cx, &this.rt, &this.conn) {
                     Poll::Ready(o) => o,
                     Poll::Pending => return Poll::Pending,
                 },
             };
+            if let Outcome::Authenticate(connect, rest, file) = outcome {
+                this.pending = Some(Box::new(authenticate(connect, rest, file)));
+                continue;
+            }
             let Some(io) = this.io.take() else {
                 return Poll::Ready(());
             };
@@ -148,6 +189,7 @@ impl Future for ConnTask {
                     handoff(&this.rt, io, &this.conn, connect, rest);
                     return Poll::Ready(());
                 }
+                Outcome::Authenticate(..) => {}
             }
         }
     }
@@ -159,9 +201,23 @@ fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option
         Flow::Close(why) => return Some(Outcome::Close(why)),
         Flow::Continue | Flow::Handoff(_) => {}
     }
-    if !init.rest.is_empty() {
-        let rest = BytesMut::from(&init.rest[..]);
-        if let Some(o) = process(&mut io.partial, rt, conn, rest, None) {
+    after_connect(rt, conn, io, init.rest)
+}
+
+/// Decodes what arrived after CONNECT (read in the same chunk, or kept by
+/// the WebSocket layer).
+fn after_connect(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, rest: Bytes) -> Option<Outcome> {
+    if !rest.is_empty() {
+        let rest = BytesMut::from(&rest[..]);
+        let identity = io.layers.as_deref().and_then(|l| l.identity.clone());
+        if let Some(o) = process(
+            &mut io.partial,
+            rt,
+            conn,
+            rest,
+            io.listener,
+            identity.as_deref(),
+        ) {
             return Some(o);
         }
     }
@@ -169,6 +225,60 @@ fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option
         Some(ws) if !ws.raw.is_empty() => io.ingest(rt, conn, BytesMut::new()),
         _ => None,
     }
+}
+
+/// Starts checking a CONNECT's password on the shard's blocking thread.
+fn authenticate(connect: Box<Connect>, rest: Bytes, file: Arc<PasswordFile>) -> Pending {
+    let user = connect.username.as_deref().unwrap_or_default().to_owned();
+    let password = connect.password.clone().unwrap_or_default();
+    let verdict = glommio::executor().spawn_blocking(move || file.check(&user, &password));
+    Pending::Auth {
+        verdict: Box::pin(verdict),
+        connect,
+        rest,
+    }
+}
+
+/// The password check is done: the CONNECT goes on (perhaps to another
+/// shard), or is refused.
+fn after_auth(
+    rt: &Rt,
+    conn: &Rc<Conn>,
+    io: &mut Io,
+    v: Verdict,
+    connect: Box<Connect>,
+    rest: Bytes,
+) -> Option<Outcome> {
+    if v != Verdict::Ok {
+        let why = if v == Verdict::UnknownUser {
+            "unknown user"
+        } else {
+            "wrong password"
+        };
+        refuse_login(rt, conn, &connect, Refusal::BadCredentials, why);
+        return Some(Outcome::Close(CloseReason::AuthRefused));
+    }
+    match client::on_packet(&rt.shard, conn, Packet::Connect(connect)) {
+        Flow::Close(why) => Some(Outcome::Close(why)),
+        Flow::Handoff(c) => Some(Outcome::Handoff(c, rest)),
+        Flow::Continue => after_connect(rt, conn, io, rest),
+    }
+}
+
+/// Refuses a CONNECT for its credentials: CONNACK with the reason, counted,
+/// logged (rate-limited); the close waits `auth_failure_delay_ms` first.
+fn refuse_login(rt: &Rt, conn: &Conn, c: &Connect, r: Refusal, why: &str) {
+    let m = &rt.shard.metrics;
+    Metrics::inc(match r {
+        Refusal::BadCredentials => &m.auth_failed,
+        Refusal::NotAuthorized => &m.auth_anonymous_refused,
+    });
+    if let Some(more) = ratelog::allow(ratelog::Kind::Auth) {
+        warn!(shard = rt.shard.id, peer = %conn.peer(), client_id = %c.client_id, username = c.username.as_deref().unwrap_or(""), suppressed = more, "login refused: {why}");
+    }
+    conn.state.borrow_mut().protocol = c.protocol;
+    let (v3, v5) = r.codes();
+    let _ = client::refuse(conn, c.protocol, v3, v5);
 }
 
 impl Io {
@@ -204,7 +314,8 @@ impl Io {
             if conn.resumed.replace(false) {
                 // Decode what was kept back (held SUBACK, backpressure).
                 let identity = self.layers.as_deref().and_then(|l| l.identity.as_deref());
-                if let Some(o) = process(&mut self.partial, rt, conn, BytesMut::new(), identity) {
+                let (partial, listener) = (&mut self.partial, self.listener);
+                if let Some(o) = process(partial, rt, conn, BytesMut::new(), listener, identity) {
                     return Poll::Ready(o);
                 }
                 if let Some(o) = self.ingest(rt, conn, BytesMut::new()) {
@@ -287,7 +398,7 @@ impl Io {
     /// Bytes from the socket: MQTT directly, or down the layers.
     fn ingest(&mut self, rt: &Rt, conn: &Rc<Conn>, data: BytesMut) -> Option<Outcome> {
         let Some(l) = &mut self.layers else {
-            return process(&mut self.partial, rt, conn, data, None);
+            return process(&mut self.partial, rt, conn, data, self.listener, None);
         };
         let mut data = data;
         if l.proxy {
@@ -298,7 +409,7 @@ impl Io {
         }
         let identity = l.identity.as_deref();
         let Some(ws) = &mut l.ws else {
-            return process(&mut self.partial, rt, conn, data, identity);
+            return process(&mut self.partial, rt, conn, data, self.listener, identity);
         };
         let mut raw = if ws.raw.is_empty() {
             data
@@ -312,8 +423,10 @@ impl Io {
         while !conn.is_closing() && !conn.held.get() && !conn.resumed.get() {
             match ws.decoder.next(&mut raw) {
                 Ok(Some(WsEvent::Data(chunk))) => {
-                    if let Some(o) = process(&mut self.partial, rt, conn, chunk, identity) {
-                        if matches!(o, Outcome::Handoff(..)) {
+                    if let Some(o) =
+                        process(&mut self.partial, rt, conn, chunk, self.listener, identity)
+                    {
+                        if matches!(o, Outcome::Handoff(..) | Outcome::Authenticate(..)) {
                             // The rest travels with the layers.
                             ws.raw = BytesMut::from(&raw[..]);
                         }
@@ -524,6 +637,7 @@ fn process(
     rt: &Rt,
     conn: &Rc<Conn>,
     mut data: BytesMut,
+    listener: u16,
     identity: Option<&str>,
 ) -> Option<Outcome> {
     let use_partial = !partial.is_empty();
@@ -540,9 +654,40 @@ fn process(
         let protocol = conn.state.borrow().protocol;
         match mqtt::decode(buf, protocol, max) {
             Ok(Some(mut p)) => {
-                if let (Some(id), Packet::Connect(c)) = (identity, &mut p) {
-                    c.username = Some(id.into());
-                    c.password = None;
+                if let Packet::Connect(c) = &mut p {
+                    if let Some(id) = identity {
+                        c.username = Some(id.into());
+                        c.password = None;
+                    }
+                    if !conn.state.borrow().connected {
+                        let sec = rt.shard.security.load();
+                        let auth = sec.listeners.get(usize::from(listener));
+                        let admission = auth.map_or(Admission::Accept, |a| {
+                            a.admit(
+                                c.username.as_deref(),
+                                c.password.as_deref(),
+                                identity.is_some(),
+                            )
+                        });
+                        match admission {
+                            Admission::Accept => {}
+                            Admission::Refuse(r) => {
+                                let why = match r {
+                                    Refusal::BadCredentials => "username without a password",
+                                    Refusal::NotAuthorized => "no credentials",
+                                };
+                                refuse_login(rt, conn, c, r, why);
+                                conn.request_close(CloseReason::AuthRefused);
+                                break;
+                            }
+                            Admission::Verify(file) => {
+                                let Packet::Connect(c) = p else {
+                                    break;
+                                };
+                                return Some(Outcome::Authenticate(c, buf.split().freeze(), file));
+                            }
+                        }
+                    }
                 }
                 match client::on_packet(&rt.shard, conn, p) {
                     Flow::Continue if conn.held.get() => break,
@@ -617,12 +762,20 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     let client_id = rt.shard.client_id(&conn);
     if why.is_bad_input() {
         Metrics::inc(&rt.shard.metrics.closed_bad_input);
-        warn!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection: bad input");
+        if let Some(more) = ratelog::allow(ratelog::Kind::BadInput) {
+            warn!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, suppressed = more, "closing connection: bad input");
+        }
     } else {
         debug!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection");
     }
     client::server_disconnect(&conn, &why);
     client::on_closed(&rt.shard, &conn, &why);
+    if matches!(why, CloseReason::AuthRefused) {
+        // Guessing is slow: the refusal is answered only after a while
+        // (a timer: the shard goes on meanwhile).
+        let delay = rt.shard.cfg.auth_failure_delay_ms;
+        glommio::timer::sleep(Duration::from_millis(delay)).await;
+    }
     let ws_close = match io.layers.as_deref().and_then(|l| l.ws.as_ref()) {
         Some(ws) if ws.open && !ws.close_sent => Some(why.ws_close_code()),
         _ => None,
@@ -673,11 +826,67 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     .await;
     if flushed.is_err() {
         debug!(client_id = %client_id, "gave up flushing on close");
+    } else if why.server_initiated() {
+        drain(&io).await;
     }
     sched::with(|s| s.unwatch(io.key));
     rt.endpoints[usize::from(io.listener)].closed();
     // SAFETY: shutdown(2) on the socket we own; it is closed when `io` drops.
     unsafe { libc::shutdown(io.fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// How long a closing connection's input is read and dropped (bounded in
+/// time and bytes).
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+const DRAIN_BYTES: usize = 1 << 20;
+
+/// The graceful end of a close the server decided (a CONNACK refusal, a
+/// server DISCONNECT): everything queued has been written; now the write
+/// side is shut (the client reads the reason, then EOF) and whatever the
+/// client still sends is read and dropped until it closes too, for a
+/// bounded time. Closing with unread input would make the kernel send a
+/// reset, and a client still writing (PUBRELs after a 0x93 DISCONNECT)
+/// would get EPIPE or ECONNRESET instead of the reason code.
+async fn drain(io: &Io) {
+    let fd = io.fd.as_raw_fd();
+    // SAFETY: shutdown(2) on the socket we own.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let key = io.key;
+    let mut left = DRAIN_BYTES;
+    let _ = glommio::timer::timeout(DRAIN_TIME, async {
+        poll_fn(|_| {
+            let mut buf = [0u8; 4096];
+            loop {
+                // SAFETY: recv into a local buffer, bounded by its length.
+                let r = unsafe {
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                if r > 0 {
+                    left = left.saturating_sub(r as usize);
+                    if left == 0 {
+                        return Poll::Ready(());
+                    }
+                    continue;
+                }
+                if r == 0 {
+                    return Poll::Ready(());
+                }
+                match io::Error::last_os_error().kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => {
+                        if !sched::with(|s| s.take_readable(key)) {
+                            // The ring wakes the task when more arrives.
+                            return Poll::Pending;
+                        }
+                    }
+                    _ => return Poll::Ready(()),
+                }
+            }
+        })
+        .await;
+        Ok(())
+    })
+    .await;
 }
 
 /// Moves the connection to the home shard of its client id, with its

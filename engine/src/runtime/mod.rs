@@ -16,7 +16,9 @@ mod wal;
 use crate::broker::{Shard, ShardMsg};
 use crate::config::Config;
 use crate::mesh::{self, MeshEnds};
+use crate::security::{Security, SecurityCell};
 use bytes::BytesMut;
+use glommio::PoolPlacement;
 use glommio::{LocalExecutorBuilder, Placement};
 use listener::Endpoint;
 use std::cell::RefCell;
@@ -25,7 +27,6 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tarta_proto::acl::Acl;
 use tracing::{error, info};
 
 /// Size of the shard-wide read buffer chunk. Reads land here; only a
@@ -97,16 +98,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if !cfg.transparent_huge_pages {
         disable_thp();
     }
-    let acl = match &cfg.acl_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read ACL file {}: {e}", path.display()))?;
-            let acl = Acl::parse(&text)
-                .map_err(|e| format!("invalid ACL file {}: {e}", path.display()))?;
-            Some(Arc::new(acl))
-        }
-        None => None,
-    };
+    // Password files and the ACL, read here (never on a shard).
+    let security = Security::load(&cfg, 0)?;
+    if security.users() > 0 {
+        info!(users = security.users(), "password file read");
+    }
+    let security = Arc::new(SecurityCell::new(security));
     let n = cfg.shards;
     // Certificates are read here, before anything listens: a TLS listener
     // whose files are missing or invalid stops the start with their name.
@@ -183,14 +180,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
         } else {
             Placement::Unbound
         };
-        let (cfg, acl, shutdown) = (cfg.clone(), acl.clone(), shutdown.clone());
+        let (cfg, security, shutdown) = (cfg.clone(), security.clone(), shutdown.clone());
         let endpoints = endpoints.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("tarta-shard-{id}"))
             .io_memory(cfg.io_memory)
+            // Password hashing and file syncs: one thread per shard, not
+            // pinned, so the kernel may run it on whichever core is idle.
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move {
                 let rt = Rc::new(Rt {
-                    shard: Shard::new(id, n, cfg, acl),
+                    shard: Shard::new(id, n, cfg, security),
                     mesh: ends,
                     rbuf: RefCell::new(BytesMut::new()),
                     shutdown,
@@ -209,6 +209,16 @@ pub fn run(cfg: Config) -> Result<(), String> {
             break;
         }
         reload(&endpoints);
+        match security.reload(&cfg) {
+            Ok(s) => info!(
+                users = s.users(),
+                acl = s.acl.is_some(),
+                "SIGHUP: password files and ACL reloaded"
+            ),
+            Err(e) => {
+                error!("SIGHUP: password files and ACL not reloaded, keeping the current ones: {e}")
+            }
+        }
     }
     shutdown.store(true, Ordering::Release);
     for b in &bells {

@@ -13,8 +13,11 @@ pub enum Kind {
     Proxy,
     Refused,
     Storage,
+    Auth,
+    BadInput,
+    Limit,
 }
-const KINDS: usize = 4;
+const KINDS: usize = 7;
 const EVERY: Duration = Duration::from_secs(1);
 
 thread_local! {
