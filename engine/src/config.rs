@@ -1,6 +1,7 @@
 //! Configuration: a TOML file (serde) overlaid by command-line flags (clap),
 //! parsed once into a typed, read-only [`Config`] that every shard shares.
 
+pub use crate::logging::LogFormat;
 use clap::Parser;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -71,6 +72,9 @@ pub struct Cli {
     /// Log level or tracing filter (error, warn, info, debug, trace).
     #[arg(long, value_name = "LEVEL")]
     pub log: Option<String>,
+    /// Log line format: text, or json (one object per line).
+    #[arg(long = "log-format", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// Do not pin shards to CPUs (better when other busy processes share the cores).
     #[arg(long = "no-pin")]
     pub no_pin: bool,
@@ -128,6 +132,7 @@ pub struct FileConfig {
     pub auth_failure_delay_ms: Option<u64>,
     pub max_keepalive: Option<u16>,
     pub log: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub max_packet_size: Option<u32>,
     pub max_inflight: Option<u16>,
     pub receive_maximum: Option<u16>,
@@ -238,6 +243,7 @@ pub struct Config {
     /// with "identifier rejected", as Mosquitto does; 0 = no limit).
     pub max_keepalive: u16,
     pub log: String,
+    pub log_format: LogFormat,
     /// Largest MQTT packet accepted, in bytes (checked before buffering the body).
     pub max_packet_size: u32,
     /// QoS 1/2 messages in flight to one client before more are queued.
@@ -390,6 +396,10 @@ impl Config {
             auth_failure_delay_ms: file.auth_failure_delay_ms.unwrap_or(1000),
             max_keepalive: cli.max_keepalive.or(file.max_keepalive).unwrap_or(65535),
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
+            log_format: cli
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             max_packet_size: file.max_packet_size.unwrap_or(16 * 1024 * 1024),
             max_inflight: file.max_inflight.unwrap_or(64),
             receive_maximum: file.receive_maximum.unwrap_or(1024),

@@ -9,6 +9,7 @@
 //! - [`security`]: password files and the ACL, read at start and on SIGHUP.
 //! - [`session`]: one client's QoS state machine. No I/O, no clock.
 //! - [`passwd_tool`]: `tarta passwd`, the password-file tool.
+//! - [`logging`]: the non-blocking, lossy log writer (`--log-format`).
 //! - [`mesh`]: bounded crossbeam channels between shards plus doorbells.
 //! - [`wheel`]: the timer wheel for keep-alive and CONNECT timeouts.
 //! - [`transport`]: the layers between a socket and MQTT (PROXY header,
@@ -19,6 +20,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod logging;
 pub mod mesh;
 pub mod passwd_tool;
 pub mod runtime;

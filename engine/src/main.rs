@@ -1,6 +1,5 @@
 use clap::Parser;
 use tarta::config::{Cli, Config};
-use tracing_subscriber::EnvFilter;
 
 #[cfg(not(feature = "alloc-census"))]
 #[global_allocator]
@@ -79,13 +78,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    if let Err(e) = tarta::runtime::run(cfg) {
+    let guard = tarta::logging::init(&cfg.log, cfg.log_format);
+    let result = tarta::runtime::run(cfg);
+    // Flushes the log lines still queued.
+    drop(guard);
+    if let Err(e) = result {
         eprintln!("tarta: {e}");
         std::process::exit(1);
     }

@@ -147,9 +147,22 @@ impl Shard {
             self.metrics.route_cache_hits.set(st.cache.hits);
         }
         let mut st = self.st.borrow_mut();
-        for (name, value) in self.metrics.snapshot() {
+        let mut all: Vec<(String, u64)> = self
+            .metrics
+            .snapshot()
+            .into_iter()
+            .map(|(name, v)| (format!("$SYS/tarta/shard/{}/{name}", self.id), v))
+            .collect();
+        if self.id == 0 {
+            // Process-wide.
+            all.push((
+                "$SYS/tarta/log_lines_dropped".into(),
+                crate::logging::dropped_lines(),
+            ));
+        }
+        for (topic, value) in all {
             let msg = Arc::new(Message {
-                topic: ByteStr::from(format!("$SYS/tarta/shard/{}/{}", self.id, name)),
+                topic: ByteStr::from(topic),
                 payload: Bytes::from(value.to_string()),
                 qos: QoS::AtMostOnce,
                 retain: true,
