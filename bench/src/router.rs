@@ -41,6 +41,7 @@ fn expect_continue(flow: Flow, what: &str) -> Result<(), String> {
         Flow::Continue => Ok(()),
         Flow::Close(why) => Err(format!("{what}: connection closed: {why:?}")),
         Flow::Handoff(_) => Err(format!("{what}: handed off to another shard")),
+        Flow::Pause(_) => Err(format!("{what}: paused by a publish rate limit")),
     }
 }
 

@@ -144,6 +144,17 @@ pub struct FileConfig {
     pub allow_zero_length_clientid: Option<bool>,
     pub mesh_capacity: Option<usize>,
     pub io_memory: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_address: Option<u32>,
+    pub connection_rate_per_address: Option<u32>,
+    pub connection_burst_per_address: Option<u32>,
+    pub limits_exempt: Option<Vec<String>>,
+    pub max_subscriptions_per_client: Option<usize>,
+    pub max_topic_levels: Option<usize>,
+    pub max_topic_length: Option<usize>,
+    pub max_publish_rate: Option<u32>,
+    pub max_publish_bytes_rate: Option<u64>,
+    pub max_client_id_length: Option<usize>,
     pub transparent_huge_pages: Option<bool>,
     pub persistence: Option<bool>,
     pub data_dir: Option<PathBuf>,
@@ -274,6 +285,69 @@ pub struct Config {
     pub transparent_huge_pages: bool,
     /// The write-ahead log: None keeps everything in memory.
     pub store: Option<StoreConfig>,
+    /// Limits per process, per address and per client (0 = no limit).
+    pub limits: Limits,
+}
+
+/// Limits that keep one client or one address from harming the others
+/// (docs/CONFIG.md "Limits" gives the defaults and why). 0 = no limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once, all listeners.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_address: u32,
+    /// New connections per second from one address (token bucket refill)...
+    pub connection_rate_per_address: u32,
+    /// ...and how many may come at once (bucket size).
+    pub connection_burst_per_address: u32,
+    /// Addresses the per-address limits do not apply to.
+    pub exempt: Vec<Cidr>,
+    pub max_subscriptions_per_client: usize,
+    /// Levels and bytes of a topic name or filter.
+    pub max_topic_levels: usize,
+    pub max_topic_length: usize,
+    /// Inbound PUBLISH packets per second per client (QoS 1/2 publishers
+    /// are paused, QoS 0 beyond it is dropped).
+    pub max_publish_rate: u32,
+    /// Inbound PUBLISH payload bytes per second per client.
+    pub max_publish_bytes_rate: u64,
+    pub max_client_id_length: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 0,
+            max_connections_per_address: 1000,
+            connection_rate_per_address: 50,
+            connection_burst_per_address: 200,
+            exempt: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect(),
+            max_subscriptions_per_client: 10_000,
+            max_topic_levels: 128,
+            max_topic_length: 4096,
+            max_publish_rate: 0,
+            max_publish_bytes_rate: 0,
+            max_client_id_length: 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Whether a topic name or filter is within the level and length limits.
+    pub fn topic_ok(&self, topic: &str) -> bool {
+        let len = topic.len();
+        if self.max_topic_length != 0 && len > self.max_topic_length {
+            return false;
+        }
+        // Fewer bytes than allowed levels cannot hold too many levels.
+        self.max_topic_levels == 0
+            || len < self.max_topic_levels
+            || topic.bytes().filter(|b| *b == b'/').count() < self.max_topic_levels
+    }
 }
 
 /// Where and how the write-ahead logs are kept.
@@ -388,7 +462,38 @@ impl Config {
                 ListenProtocol::Ws,
             ));
         }
+        let d = Limits::default();
+        let limits = Limits {
+            max_connections: file.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_address: file
+                .max_connections_per_address
+                .unwrap_or(d.max_connections_per_address),
+            connection_rate_per_address: file
+                .connection_rate_per_address
+                .unwrap_or(d.connection_rate_per_address),
+            connection_burst_per_address: file
+                .connection_burst_per_address
+                .unwrap_or(d.connection_burst_per_address),
+            exempt: match &file.limits_exempt {
+                Some(list) => list
+                    .iter()
+                    .map(|s| s.parse::<Cidr>().map_err(|e| format!("limits_exempt: {e}")))
+                    .collect::<Result<_, _>>()?,
+                None => d.exempt,
+            },
+            max_subscriptions_per_client: file
+                .max_subscriptions_per_client
+                .unwrap_or(d.max_subscriptions_per_client),
+            max_topic_levels: file.max_topic_levels.unwrap_or(d.max_topic_levels),
+            max_topic_length: file.max_topic_length.unwrap_or(d.max_topic_length),
+            max_publish_rate: file.max_publish_rate.unwrap_or(d.max_publish_rate),
+            max_publish_bytes_rate: file
+                .max_publish_bytes_rate
+                .unwrap_or(d.max_publish_bytes_rate),
+            max_client_id_length: file.max_client_id_length.unwrap_or(d.max_client_id_length),
+        };
         let cfg = Config {
+            limits,
             listeners,
             shards: cli.shards.or(file.shards).unwrap_or(cpus),
             pin: !cli.no_pin && file.pin.unwrap_or(true),
@@ -472,6 +577,13 @@ impl Config {
             if s.fsync == FsyncPolicy::Interval && s.fsync_interval_ms == 0 {
                 return Err("fsync_interval_ms must be at least 1".into());
             }
+        }
+        let l = &self.limits;
+        if l.connection_burst_per_address > 1_000_000 {
+            return Err("connection_burst_per_address must be at most 1000000".into());
+        }
+        if l.connection_rate_per_address != 0 && l.connection_burst_per_address == 0 {
+            return Err("connection_burst_per_address must be at least 1 when connection_rate_per_address is set".into());
         }
         if self.mesh_capacity == 0 {
             return Err("mesh_capacity must be at least 1".into());

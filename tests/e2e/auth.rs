@@ -333,3 +333,35 @@ fn a_client_that_keeps_writing_still_reads_the_reason() {
         "CONNACK bad user name or password"
     );
 }
+
+#[test]
+fn a_client_certificate_authenticates_on_its_listener() {
+    let d = users("auth-cert");
+    let pki = Pki::new("auth-cert");
+    let (sc, sk) = pki.issue("server", "localhost", true);
+    let (dc, dk) = pki.issue("device7", "device-7", false);
+    let acl = d.0.join("acl");
+    std::fs::write(&acl, "user device-7\ntopic readwrite devices/device-7/#\n").unwrap();
+    let tls = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\ntls = {{ cert = {sc:?}, key = {sk:?}, client_ca = {:?}, require_client_cert = true, identity_as_username = true }}\n",
+        pki.ca()
+    );
+    let b = start(&d.0, &format!("acl_file = {acl:?}\n"), &tls);
+    // The certificate is the credential: no password needed, and the ACL
+    // sees its CN.
+    let mut s = tls_open(b.port_of("tls"), client_config(&pki.ca(), Some((&dc, &dk)))).unwrap();
+    assert_eq!(
+        connack_over(&mut s, login(Protocol::V311, "d7", None, None)),
+        Some(0)
+    );
+    // Without one, on the plain listener: refused.
+    assert_eq!(
+        Raw::connect(b.port, login(Protocol::V311, "d7b", None, None))
+            .1
+            .code,
+        5
+    );
+    // Claiming the CN as a username on the plain listener does not help.
+    let c = login(Protocol::V311, "d7c", Some("device-7"), Some("x"));
+    assert_eq!(Raw::connect(b.port, c).1.code, 4);
+}

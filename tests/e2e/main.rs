@@ -10,6 +10,7 @@ mod acl;
 mod auth;
 mod durability;
 mod errors;
+mod limits;
 mod logging;
 mod ops;
 mod pubsub;

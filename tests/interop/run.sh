@@ -45,6 +45,9 @@ SUITE_PID=
 # certificates, PROXY protocol), HAProxy and nginx (stream) in front of it.
 TARTA_TLS_PID=
 TARTA_EDGE_PID=
+# The password-file broker and the Mosquitto broker reading tarta passwd's file.
+TARTA_PW_PID=
+MOSQ_PW_PID=
 HAPROXY_PID=
 NGINX_STREAM_PID=
 # Extra options for every mosquitto_pub/mosquitto_sub of the helpers below
@@ -83,6 +86,8 @@ cleanup() {
     stop_pid "$TARTA3_PID"
     stop_pid "$TARTA_TLS_PID"
     stop_pid "$TARTA_EDGE_PID"
+    stop_pid "${TARTA_PW_PID:-}"
+    stop_pid "${MOSQ_PW_PID:-}"
     stop_pid "$TARTA_PID"
     if [[ -n ${INTEROP_KEEP:-} ]]; then
         echo "# work directory kept: $WORK" >&2
@@ -231,6 +236,94 @@ run_check() {
 }
 
 # ----------------------------------------------------------------- checks
+
+# ------------------------------------------------------- passwords
+
+# check_mosquitto_passwd_file: a password file written by Debian's
+# mosquitto_passwd ($7$ PBKDF2 by default, $6$ with -H sha512) is Tarta's
+# --password-file as it is: mosquitto_pub/sub log in with it; a wrong
+# password and a missing one are refused with the 3.1.1 codes.
+check_mosquitto_passwd_file() {
+    local pw=$WORK/mosq.pw
+    mosquitto_passwd -c -b "$pw" alice secret 2>/dev/null &&
+        mosquitto_passwd -H sha512 -b "$pw" bob hunter2 2>/dev/null || {
+        WHY="mosquitto_passwd failed"
+        return 1
+    }
+    start_tarta pwauth --tcp 127.0.0.1:0 --shards 2 --no-pin --password-file "$pw" || return 1
+    TARTA_PW_PID=$L_PID
+    local port
+    port=$(listen_ports pwauth mqtt/tcp | head -n1)
+    local out=$WORK/pwauth.sub
+    timeout "$CLIENT_TIMEOUT" mosquitto_sub -p "$port" -u bob -P hunter2 -t pw/t -C 1 -W "$WAIT" >"$out" 2>&1 &
+    local sub=$!
+    sleep 1
+    if ! timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -u alice -P secret -t pw/t -q 1 -m hello 2>"$WORK/pwauth.pub.err"; then
+        WHY="alice ($7$) refused: $(cat "$WORK/pwauth.pub.err")"
+        return 1
+    fi
+    if ! wait "$sub" || [[ $(cat "$out") != hello ]]; then
+        WHY="bob ($6$) did not get the message: $(cat "$out")"
+        return 1
+    fi
+    local err
+    if err=$(timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -u alice -P wrong -t pw/t -m x 2>&1); then
+        WHY="a wrong password was accepted"
+        return 1
+    fi
+    if [[ $err != *"bad user name or password"* ]]; then
+        WHY="wrong password: unexpected error: $err"
+        return 1
+    fi
+    if err=$(timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -t pw/t -m x 2>&1); then
+        WHY="an anonymous client was accepted"
+        return 1
+    fi
+    if [[ $err != *"not authori"* ]]; then
+        WHY="anonymous: unexpected error: $err"
+        return 1
+    fi
+}
+
+# check_tarta_passwd_for_mosquitto: a file written by `tarta passwd` is read
+# by the Mosquitto broker: carol logs in there; a wrong password does not.
+check_tarta_passwd_for_mosquitto() {
+    local pw=$WORK/tarta.pw
+    "$TARTA" passwd -c -b "$pw" carol 'c@rol pw' && "$TARTA" passwd -b -I 2000 "$pw" dave d4ve || {
+        WHY="tarta passwd failed"
+        return 1
+    }
+    local mosq=/usr/sbin/mosquitto
+    [[ -x $mosq ]] || mosq=$(command -v mosquitto) || {
+        WHY="no mosquitto broker"
+        return 1
+    }
+    local port
+    port=$(free_port)
+    printf 'user root\nlistener %s 127.0.0.1\nallow_anonymous false\npassword_file %s\n' "$port" "$pw" >"$WORK/mosq-pw.conf"
+    "$mosq" -c "$WORK/mosq-pw.conf" >"$WORK/mosq-pw.log" 2>&1 &
+    MOSQ_PW_PID=$!
+    local deadline=$((SECONDS + 10))
+    until port_open "$port"; do
+        if ((SECONDS >= deadline)) || ! alive "$MOSQ_PW_PID"; then
+            WHY="mosquitto did not start: $(tail -n 3 "$WORK/mosq-pw.log")"
+            return 1
+        fi
+        sleep 0.1
+    done
+    if ! timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -u carol -P 'c@rol pw' -t t -m x 2>"$WORK/mosq-pw.pub"; then
+        WHY="mosquitto refused carol: $(cat "$WORK/mosq-pw.pub")"
+        return 1
+    fi
+    if ! timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -u dave -P d4ve -t t -m x 2>"$WORK/mosq-pw.pub"; then
+        WHY="mosquitto refused dave (2000 iterations): $(cat "$WORK/mosq-pw.pub")"
+        return 1
+    fi
+    if timeout "$CLIENT_TIMEOUT" mosquitto_pub -p "$port" -u carol -P nope -t t -m x 2>/dev/null; then
+        WHY="mosquitto accepted a wrong password"
+        return 1
+    fi
+}
 
 # Publisher on shard 0, subscriber on shard 1: N messages at QoS Q through
 # the inter-shard mesh, exact count, order, payloads and delivered QoS.
@@ -1517,6 +1610,15 @@ if [[ -n $TARTA_EDGE_PID ]]; then
     run_check "edge broker (listener tables): log has no panic" check_log_clean edge
     run_check "edge broker exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA_EDGE_PID
 fi
+
+# Password files: Mosquitto's for Tarta, Tarta's for Mosquitto.
+run_check "mosquitto_passwd file (\$7\$ and \$6\$) as --password-file: logins, wrong and missing passwords refused" \
+    check_mosquitto_passwd_file
+run_check "tarta passwd file read by the Mosquitto broker" check_tarta_passwd_for_mosquitto
+if [[ -n ${TARTA_PW_PID:-} ]]; then
+    run_check "password broker exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA_PW_PID
+fi
+stop_pid "${MOSQ_PW_PID:-}"
 
 # Last: it leaves 17,000 server-side TIME_WAIT sockets behind.
 run_check "burst of readiness above the completion queue: every PINGREQ answered" check_burst

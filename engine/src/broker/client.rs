@@ -25,6 +25,8 @@ pub enum Flow {
     Close(CloseReason),
     /// The client id lives on another shard: move the connection there.
     Handoff(Box<Connect>),
+    /// The client published beyond its rate: read nothing from it for this long.
+    Pause(std::time::Duration),
 }
 
 fn protocol_error(what: &str) -> Flow {
@@ -233,6 +235,11 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
             // Mosquitto's rule: a 3.x client cannot be told, so it is refused.
             return refuse(conn, protocol, 0x02, reason::CLIENT_IDENTIFIER_NOT_VALID);
         }
+    }
+    let max_id = cfg.limits.max_client_id_length;
+    if max_id != 0 && c.client_id.len() > max_id {
+        Metrics::inc(&shard.metrics.limit_client_id);
+        return refuse(conn, protocol, 0x02, reason::CLIENT_IDENTIFIER_NOT_VALID);
     }
     let mut client_id = c.client_id.clone();
     let mut assigned = false;
@@ -477,16 +484,38 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
     let Some(entry) = st.sessions.get_mut(sid) else {
         return Flow::Continue;
     };
-    let allowed = entry.acl.as_ref().is_none_or(|acl| acl.can_publish(&topic));
-    if !allowed {
+    let limits = &shard.cfg.limits;
+    let topic_ok = limits.topic_ok(topic.as_str());
+    let allowed = topic_ok && entry.acl.as_ref().is_none_or(|acl| acl.can_publish(&topic));
+    if !topic_ok {
+        // Treated as the ACL treats a denial: 5.0 hears why.
+        Metrics::inc(&shard.metrics.limit_topic);
+    } else if !allowed {
         Metrics::inc(&shard.metrics.acl_denied);
         debug!(topic = %topic.as_str(), "publish denied by ACL");
     }
-    let denied_code = if protocol.is_v5() && !allowed {
-        reason::NOT_AUTHORIZED
-    } else {
-        0
+    let denied_code = match (protocol.is_v5(), topic_ok, allowed) {
+        (true, false, _) => reason::TOPIC_NAME_INVALID,
+        (true, true, false) => reason::NOT_AUTHORIZED,
+        _ => 0,
     };
+    let mut pause = None;
+    if limits.max_publish_rate != 0 || limits.max_publish_bytes_rate != 0 {
+        let qos0 = p.qos == QoS::AtMostOnce;
+        let slot = &mut entry.rare_mut().throttle;
+        match super::Throttle::take(slot, limits, p.payload.len(), !qos0) {
+            Ok(()) => {}
+            Err(_) if qos0 => {
+                Metrics::inc(&shard.metrics.publish_rate_dropped);
+                return Flow::Continue;
+            }
+            Err(wait) => {
+                // Taken, then read nothing more until the budget is back.
+                Metrics::inc(&shard.metrics.publish_rate_paused);
+                pause = Some(wait);
+            }
+        }
+    }
     if p.qos != QoS::AtMostOnce && st.log.as_ref().is_some_and(|l| l.any_failed()) {
         // The log cannot take it (disk full, I/O error): no promise. 5.0
         // hears why; a 3.x client is closed without the acknowledgement
@@ -559,7 +588,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             shard.route(st, msg);
         }
     }
-    Flow::Continue
+    pause.map_or(Flow::Continue, Flow::Pause)
 }
 
 fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -> Flow {
@@ -574,6 +603,7 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
     };
     let mut st = shard.st.borrow_mut();
     let st = &mut *st;
+    let limits = &shard.cfg.limits;
     let mut codes = Vec::with_capacity(s.filters.len());
     let mut retained = Vec::new();
     let mut new_routes = Vec::new();
@@ -585,9 +615,23 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
             codes.push(fail(reason::TOPIC_FILTER_INVALID));
             continue;
         };
+        if !limits.topic_ok(raw) {
+            Metrics::inc(&shard.metrics.limit_topic);
+            codes.push(fail(reason::TOPIC_FILTER_INVALID));
+            continue;
+        }
         let Some(entry) = st.sessions.get_mut(sid) else {
             return Flow::Continue;
         };
+        let max_subs = limits.max_subscriptions_per_client;
+        if max_subs != 0
+            && entry.session.subs.len() >= max_subs
+            && !entry.session.subs.contains_key(raw)
+        {
+            Metrics::inc(&shard.metrics.limit_subscriptions);
+            codes.push(fail(reason::QUOTA_EXCEEDED));
+            continue;
+        }
         let access = entry
             .acl
             .as_ref()

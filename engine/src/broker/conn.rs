@@ -59,6 +59,8 @@ pub enum CloseReason {
     Transport(&'static str),
     /// Moved to the client id's home shard (not a close for the client).
     HandedOff,
+    /// A connection limit (counted and logged where it was found).
+    LimitReached(&'static str),
     /// A message that must be logged could not be (disk full, I/O error):
     /// a 3.x publisher is closed without its acknowledgement and resends.
     StorageFailed,

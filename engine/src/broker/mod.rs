@@ -97,6 +97,8 @@ pub struct Handoff {
     /// The transport layers (PROXY/TLS/WebSocket state, undecoded input,
     /// unwritten output), if the connection has any.
     pub layers: Option<Box<Layers>>,
+    /// Counted in its address's connections (released when it closes).
+    pub addr_counted: bool,
 }
 
 /// The home shard of a client id: where its session lives. Stable and
@@ -144,13 +146,74 @@ pub struct SessionEntry {
 pub struct Rare {
     /// A will waiting for its Will Delay Interval (5.0).
     pub will: Option<Will>,
-    /// The username of a persistent session (restored with it: the ACL
-    /// applies to it while offline after a restart).
+    /// The client's username: its ACL is resolved again from it after a
+    /// reload (and, logged with a persistent session, after a restart).
     pub username: Option<ByteStr>,
+    /// Its inbound publish budget (only with `max_publish_rate` or
+    /// `max_publish_bytes_rate`).
+    pub throttle: Option<Throttle>,
+}
+
+/// A client's inbound publish budget: two token buckets (messages and
+/// bytes), each holding at most one second's worth.
+pub struct Throttle {
+    msgs: f64,
+    bytes: f64,
+    at: std::time::Instant,
+}
+
+impl Throttle {
+    /// Takes one message of `len` bytes. Ok, or Err(how long until the
+    /// budget is back in the black): QoS 0 is then dropped (nothing taken),
+    /// QoS 1/2 taken anyway (the publisher is paused that long).
+    pub fn take(
+        slot: &mut Option<Throttle>,
+        l: &crate::config::Limits,
+        len: usize,
+        force: bool,
+    ) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        let (rate, brate) = (
+            f64::from(l.max_publish_rate),
+            l.max_publish_bytes_rate as f64,
+        );
+        let t = slot.get_or_insert(Throttle {
+            msgs: rate,
+            bytes: brate,
+            at: now,
+        });
+        let dt = now.duration_since(t.at).as_secs_f64();
+        t.at = now;
+        t.msgs = (t.msgs + dt * rate).min(rate);
+        t.bytes = (t.bytes + dt * brate).min(brate);
+        let (m, b) = (t.msgs - 1.0, t.bytes - len as f64);
+        let short = |left: f64, r: f64| {
+            if r > 0.0 && left < 0.0 {
+                -left / r
+            } else {
+                0.0
+            }
+        };
+        let wait = short(m, rate).max(short(b, brate));
+        if wait > 0.0 && !force {
+            return Err(std::time::Duration::from_secs_f64(wait));
+        }
+        if rate > 0.0 {
+            t.msgs = m;
+        }
+        if brate > 0.0 {
+            t.bytes = b;
+        }
+        if wait > 0.0 {
+            Err(std::time::Duration::from_secs_f64(wait))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl SessionEntry {
-    fn rare_mut(&mut self) -> &mut Rare {
+    pub fn rare_mut(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Default::default)
     }
 
@@ -158,7 +221,7 @@ impl SessionEntry {
         if self
             .rare
             .as_ref()
-            .is_some_and(|r| r.will.is_none() && r.username.is_none())
+            .is_some_and(|r| r.will.is_none() && r.username.is_none() && r.throttle.is_none())
         {
             self.rare = None;
         }
@@ -192,7 +255,8 @@ impl SessionEntry {
 
     pub fn set_username(&mut self, u: Option<ByteStr>) {
         match u {
-            Some(u) => self.rare_mut().username = Some(u),
+            // Its own copy: the CONNECT's would keep its read chunk alive.
+            Some(u) => self.rare_mut().username = Some(ByteStr::from(u.as_str().to_owned())),
             None => {
                 if let Some(r) = self.rare.as_mut() {
                     r.username = None;

@@ -193,6 +193,7 @@ impl Sim {
             Flow::Continue => {}
             Flow::Close(why) => panic!("refused: {why:?}"),
             Flow::Handoff(_) => unreachable!("connect at home"),
+            Flow::Pause(_) => unreachable!("connect does not pause"),
         }
         Client {
             conn,
@@ -207,6 +208,7 @@ impl Sim {
             Flow::Continue => {}
             Flow::Close(why) => c.conn.request_close(why),
             Flow::Handoff(_) => panic!("unexpected handoff"),
+            Flow::Pause(_) => {}
         }
     }
 

@@ -75,6 +75,8 @@ struct Io {
     partial: BytesMut,
     /// PROXY/TLS/WebSocket state (none for plain MQTT over TCP).
     layers: Option<Box<Layers>>,
+    /// Counted in its address's connections (`limits`): released at close.
+    addr_counted: bool,
 }
 
 /// A connection already past CONNECT on another shard (handoff).
@@ -100,6 +102,8 @@ pub struct Start {
     pub listener: u16,
     pub layers: Option<Box<Layers>>,
     pub initial: Option<Initial>,
+    /// Counted in its address's connections already (at accept).
+    pub addr_counted: bool,
 }
 
 /// Starts a connection's task on this shard's scheduler.
@@ -114,6 +118,7 @@ fn run(rt: Rc<Rt>, fd: OwnedFd, key: TaskKey, conn: Rc<Conn>, start: Start) -> C
         listener,
         layers,
         initial,
+        addr_counted,
     } = start;
     let mut io = Io {
         fd,
@@ -122,6 +127,7 @@ fn run(rt: Rc<Rt>, fd: OwnedFd, key: TaskKey, conn: Rc<Conn>, start: Start) -> C
         listener,
         partial: BytesMut::new(),
         layers,
+        addr_counted,
     };
     let pending = initial
         .and_then(|init| start_adopted(&rt, &conn, &mut io, init))
@@ -199,7 +205,7 @@ impl Future for ConnTask {
 fn start_adopted(rt: &Rt, conn: &Rc<Conn>, io: &mut Io, init: Initial) -> Option<Outcome> {
     match client::connect(&rt.shard, conn, init.connect) {
         Flow::Close(why) => return Some(Outcome::Close(why)),
-        Flow::Continue | Flow::Handoff(_) => {}
+        Flow::Continue | Flow::Handoff(_) | Flow::Pause(_) => {}
     }
     after_connect(rt, conn, io, init.rest)
 }
@@ -261,7 +267,7 @@ fn after_auth(
     match client::on_packet(&rt.shard, conn, Packet::Connect(connect)) {
         Flow::Close(why) => Some(Outcome::Close(why)),
         Flow::Handoff(c) => Some(Outcome::Handoff(c, rest)),
-        Flow::Continue => after_connect(rt, conn, io, rest),
+        Flow::Continue | Flow::Pause(_) => after_connect(rt, conn, io, rest),
     }
 }
 
@@ -403,6 +409,10 @@ impl Io {
         let mut data = data;
         if l.proxy {
             data = proxy_stage(rt, conn, l, data)?;
+            // The client's address is known now.
+            if !self.addr_counted && !count_address(rt, conn, &mut self.addr_counted) {
+                return None;
+            }
         }
         if l.tls.is_some() {
             data = tls_stage(rt, conn, self.listener, l, data)?;
@@ -417,8 +427,14 @@ impl Io {
             ws.raw.extend_from_slice(&data);
             std::mem::take(&mut ws.raw)
         };
-        if !ws.open && !upgrade(rt, conn, self.listener, ws, &mut raw) {
-            return None;
+        if !ws.open {
+            if !upgrade(rt, conn, self.listener, ws, &mut raw) {
+                return None;
+            }
+            // A trusted proxy named the client (X-Forwarded-For).
+            if !self.addr_counted && !count_address(rt, conn, &mut self.addr_counted) {
+                return None;
+            }
         }
         while !conn.is_closing() && !conn.held.get() && !conn.resumed.get() {
             match ws.decoder.next(&mut raw) {
@@ -501,6 +517,47 @@ impl Io {
         };
         conn.wire_pending.set(l.pending() as u32);
         r
+    }
+}
+
+/// Counts the connection in its client address's limits once that address
+/// is known; false (and the connection closing) if over them.
+fn count_address(rt: &Rt, conn: &Conn, counted: &mut bool) -> bool {
+    let ip = conn.peer().ip();
+    if !rt.limits.applies(ip) {
+        return true;
+    }
+    match rt.limits.admit_address(ip) {
+        Ok(()) => {
+            *counted = true;
+            true
+        }
+        Err(r) => {
+            refused_by_limit(rt, conn.peer(), r);
+            conn.request_close(CloseReason::LimitReached("connections per address"));
+            false
+        }
+    }
+}
+
+/// Counts and logs (rate-limited) a connection refused by a limit.
+pub fn refused_by_limit(rt: &Rt, peer: SocketAddr, r: super::limits::Refused) {
+    use super::limits::Refused;
+    let m = &rt.shard.metrics;
+    let (c, what) = match r {
+        Refused::Total => (&m.limit_connections, "max_connections reached"),
+        Refused::AddressFull => (
+            &m.limit_address_connections,
+            "max_connections_per_address reached",
+        ),
+        Refused::AddressRate => (
+            &m.limit_address_rate,
+            "connection_rate_per_address exceeded",
+        ),
+    };
+    Metrics::inc(c);
+    if let Some(more) = ratelog::allow(ratelog::Kind::Limit) {
+        warn!(shard = rt.shard.id, %peer, suppressed = more, "refusing connection: {what}");
     }
 }
 
@@ -651,6 +708,10 @@ fn process(
     };
     let max = rt.shard.cfg.max_packet_size;
     loop {
+        if conn.held.get() {
+            // Held (a SUBACK, a paused publisher): decode nothing more.
+            break;
+        }
         let protocol = conn.state.borrow().protocol;
         match mqtt::decode(buf, protocol, max) {
             Ok(Some(mut p)) => {
@@ -702,6 +763,10 @@ fn process(
                         break;
                     }
                     Flow::Handoff(c) => return Some(Outcome::Handoff(c, buf.split().freeze())),
+                    Flow::Pause(d) => {
+                        pause(conn, d);
+                        break;
+                    }
                 }
             }
             Ok(None) => break,
@@ -720,6 +785,20 @@ fn process(
         *partial = BytesMut::from(&data[..]);
     }
     None
+}
+
+/// Reads nothing more from the connection for `d` (a publisher over its
+/// rate): as a held SUBACK does, then resumes decoding what it kept.
+fn pause(conn: &Rc<Conn>, d: Duration) {
+    conn.held.set(true);
+    let conn = conn.clone();
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(d).await;
+        conn.held.set(false);
+        conn.resumed.set(true);
+        conn.wake();
+    })
+    .detach();
 }
 
 /// Writes `q` with vectored non-blocking sends; when the socket is full,
@@ -831,6 +910,10 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     }
     sched::with(|s| s.unwatch(io.key));
     rt.endpoints[usize::from(io.listener)].closed();
+    rt.limits.release_total();
+    if io.addr_counted {
+        rt.limits.release_address(conn.peer().ip());
+    }
     // SAFETY: shutdown(2) on the socket we own; it is closed when `io` drops.
     unsafe { libc::shutdown(io.fd.as_raw_fd(), libc::SHUT_RDWR) };
 }
@@ -904,6 +987,7 @@ fn handoff(rt: &Rt, io: Io, conn: &Conn, connect: Box<Connect>, rest: Bytes) {
         connect,
         rest,
         layers: io.layers,
+        addr_counted: io.addr_counted,
     };
     let mut st = rt.shard.st.borrow_mut();
     rt.shard
@@ -919,6 +1003,7 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         connect,
         rest,
         layers,
+        addr_counted,
     } = h;
     let conn = rt.shard.new_conn(peer);
     debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
@@ -926,6 +1011,7 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         listener,
         layers,
         initial: Some(Initial { connect, rest }),
+        addr_counted,
     };
     spawn(rt, fd, conn, start);
 }

@@ -255,8 +255,35 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
         }
         return;
     }
-    if ep.cfg.proxy_protocol && !ep.cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+    if let Err(r) = rt.limits.admit_total() {
         ep.closed();
+        conn::refused_by_limit(rt, peer, r);
+        return;
+    }
+    // Per address, now if the socket's peer is the client; else once a
+    // PROXY header or a trusted proxy's X-Forwarded-For names it.
+    let proxied = ep.cfg.proxy_protocol
+        || (ep.cfg.protocol == ListenProtocol::Ws
+            && ep.cfg.ws.trusted_proxies.contains(&peer.ip()));
+    let mut addr_counted = false;
+    if !proxied && rt.limits.applies(peer.ip()) {
+        if let Err(r) = rt.limits.admit_address(peer.ip()) {
+            ep.closed();
+            rt.limits.release_total();
+            conn::refused_by_limit(rt, peer, r);
+            return;
+        }
+        addr_counted = true;
+    }
+    let release = |rt: &Rt| {
+        ep.closed();
+        rt.limits.release_total();
+        if addr_counted {
+            rt.limits.release_address(peer.ip());
+        }
+    };
+    if ep.cfg.proxy_protocol && !ep.cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip())) {
+        release(rt);
         Metrics::inc(&m.proxy_untrusted);
         if let Some(more) = ratelog::allow(ratelog::Kind::Proxy) {
             warn!(shard = rt.shard.id, listener = %ep.addr, %peer, suppressed = more, "refusing connection: PROXY protocol listener, and the peer is not in trusted_proxies");
@@ -266,7 +293,7 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
     let layers = match ep.layers(u64::from(rt.shard.cfg.max_packet_size)) {
         Ok(l) => l,
         Err(e) => {
-            ep.closed();
+            release(rt);
             Metrics::inc(&m.tls_failed);
             if let Some(more) = ratelog::allow(ratelog::Kind::Tls) {
                 warn!(shard = rt.shard.id, %peer, suppressed = more, "cannot start TLS: {e}");
@@ -281,6 +308,7 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
         listener: idx,
         layers,
         initial: None,
+        addr_counted,
     };
     conn::spawn(rt, fd, c, start);
 }

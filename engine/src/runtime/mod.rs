@@ -7,6 +7,7 @@
 //! move to the community fork or another runtime touches this module only.
 
 mod conn;
+mod limits;
 mod listener;
 mod pump;
 mod ratelog;
@@ -42,6 +43,8 @@ pub(crate) struct Rt {
     pub shutdown: Arc<AtomicBool>,
     /// Every listener (index = `Config::listeners` index), shared by all shards.
     pub endpoints: Arc<Vec<Endpoint>>,
+    /// Connection limits shared by every shard.
+    pub limits: Arc<limits::ConnLimits>,
 }
 
 /// The CPUs this process may run on.
@@ -133,6 +136,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ep.addr = *addr;
     }
     let endpoints = Arc::new(endpoints);
+    let conn_limits = Arc::new(limits::ConnLimits::new(cfg.limits.clone()));
     // Recovery, before any shard runs: every shard's log, in parallel.
     let epoch_unix = crate::store::unix_now();
     let opened = match &cfg.store {
@@ -182,6 +186,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         };
         let (cfg, security, shutdown) = (cfg.clone(), security.clone(), shutdown.clone());
         let endpoints = endpoints.clone();
+        let limits = conn_limits.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("tarta-shard-{id}"))
             .io_memory(cfg.io_memory)
@@ -195,6 +200,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                     rbuf: RefCell::new(BytesMut::new()),
                     shutdown,
                     endpoints,
+                    limits,
                 });
                 shard_main(rt, fds, store).await;
             })
