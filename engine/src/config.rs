@@ -14,7 +14,8 @@ use tarta_proto::ws::HandshakeConfig;
 #[command(
     name = "tarta",
     version,
-    about = "Tarta: a thread-per-core MQTT broker"
+    about = "Tarta: a thread-per-core MQTT broker",
+    after_help = "Password files: tarta passwd [-c] [-I ITERATIONS] FILE USER (see tarta passwd --help)."
 )]
 pub struct Cli {
     /// TOML configuration file (see docs/CONFIG.md).
