@@ -32,6 +32,10 @@ pub struct Cli {
     /// MQTT over TLS listener address (repeatable; needs --cert and --key).
     #[arg(long = "mqtts", value_name = "ADDR")]
     pub mqtts: Vec<SocketAddr>,
+    /// HTTP-only listener for /metrics and /health (repeatable), e.g. to
+    /// keep metrics off the public ports.
+    #[arg(long = "http", value_name = "ADDR")]
+    pub http: Vec<SocketAddr>,
     /// MQTT over secure WebSocket listener address (repeatable; needs
     /// --cert and --key).
     #[arg(long = "wss", value_name = "ADDR")]
@@ -131,6 +135,8 @@ pub struct FileConfig {
     pub password_file: Option<PathBuf>,
     pub allow_anonymous: Option<bool>,
     pub auth_failure_delay_ms: Option<u64>,
+    pub metrics: Option<bool>,
+    pub http: Option<Vec<SocketAddr>>,
     pub max_keepalive: Option<u16>,
     pub log: Option<String>,
     pub log_format: Option<LogFormat>,
@@ -172,6 +178,8 @@ pub enum ListenProtocol {
     Mqtt,
     /// MQTT over WebSocket.
     Ws,
+    /// HTTP only: /metrics, /health (no MQTT, no WebSocket upgrade).
+    Http,
 }
 
 /// A listener's TLS settings (file paths; read at start and on SIGHUP).
@@ -206,6 +214,7 @@ pub struct ListenerFile {
     pub max_connections: Option<usize>,
     pub password_file: Option<PathBuf>,
     pub allow_anonymous: Option<bool>,
+    pub metrics: Option<bool>,
 }
 
 /// A resolved listener.
@@ -222,6 +231,8 @@ pub struct Listener {
     pub ws: HandshakeConfig,
     /// Connections open at once on this listener (0 = no limit).
     pub max_connections: usize,
+    /// Serves `GET /metrics` (WebSocket and HTTP listeners).
+    pub metrics: bool,
     /// The password file clients of this listener authenticate against.
     pub password_file: Option<PathBuf>,
     /// Whether clients without credentials may connect here.
@@ -236,6 +247,8 @@ impl Listener {
             (ListenProtocol::Ws, false) => "ws",
             (ListenProtocol::Mqtt, true) => "tls",
             (ListenProtocol::Ws, true) => "wss",
+            (ListenProtocol::Http, false) => "http",
+            (ListenProtocol::Http, true) => "https",
         }
     }
 }
@@ -390,6 +403,7 @@ impl Config {
         };
         let trusted = parse_cidrs(file.trusted_proxies.as_deref().unwrap_or_default())?;
         let password_file = cli.password_file.clone().or(file.password_file);
+        let metrics_default = file.metrics.unwrap_or(true);
         let allow_anonymous = cli.allow_anonymous.or(file.allow_anonymous);
         let plain = |bind, protocol| Listener {
             bind,
@@ -399,6 +413,7 @@ impl Config {
             trusted_proxies: trusted.clone(),
             ws: ws.clone(),
             max_connections: 0,
+            metrics: metrics_default,
             password_file: password_file.clone(),
             allow_anonymous: allow_anonymous.unwrap_or(password_file.is_none()),
         };
@@ -441,6 +456,7 @@ impl Config {
                     l.ws.path = path;
                 }
                 l.max_connections = t.max_connections.unwrap_or(0);
+                l.metrics = t.metrics.unwrap_or(metrics_default);
                 if let Some(pw) = t.password_file {
                     l.password_file = Some(pw);
                 }
@@ -453,7 +469,22 @@ impl Config {
                 listeners.push(l);
             }
         }
-        if listeners.is_empty() {
+        // HTTP-only listeners (metrics off the public ports) come with
+        // either set of listeners.
+        let http = if cli.http.is_empty() {
+            file.http.unwrap_or_default()
+        } else {
+            cli.http.clone()
+        };
+        let only_http = listeners.is_empty();
+        for a in http {
+            let mut l = plain(a, ListenProtocol::Http);
+            // No WebSocket path: nothing upgrades here.
+            l.ws.path = String::new();
+            l.metrics = true;
+            listeners.push(l);
+        }
+        if only_http {
             listeners.push(plain(
                 SocketAddr::from(([127, 0, 0, 1], 1883)),
                 ListenProtocol::Mqtt,
@@ -462,6 +493,8 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 8083)),
                 ListenProtocol::Ws,
             ));
+            // Defaults first, as without --http.
+            listeners.rotate_right(2);
         }
         let d = Limits::default();
         let limits = Limits {
@@ -541,6 +574,9 @@ impl Config {
         }
         for l in &self.listeners {
             let name = format!("listener {} ({})", l.bind, l.name());
+            if l.protocol == ListenProtocol::Http && l.tls.is_some() {
+                return Err(format!("{name}: HTTP listeners do not take tls"));
+            }
             if l.protocol == ListenProtocol::Ws && !l.ws.path.starts_with('/') {
                 return Err(format!(
                     "{name}: ws_path must start with '/', got {:?}",

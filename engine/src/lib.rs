@@ -9,6 +9,7 @@
 //! - [`security`]: password files and the ACL, read at start and on SIGHUP.
 //! - [`session`]: one client's QoS state machine. No I/O, no clock.
 //! - [`passwd_tool`]: `tarta passwd`, the password-file tool.
+//! - [`exporter`]: the Prometheus exposition of the shards' metrics.
 //! - [`logging`]: the non-blocking, lossy log writer (`--log-format`).
 //! - [`mesh`]: bounded crossbeam channels between shards plus doorbells.
 //! - [`wheel`]: the timer wheel for keep-alive and CONNECT timeouts.
@@ -20,6 +21,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod exporter;
 pub mod logging;
 pub mod mesh;
 pub mod passwd_tool;

@@ -332,6 +332,7 @@ impl OutQueue {
     }
 
     pub fn push_packet(&mut self, p: &Packet, protocol: Protocol) {
+        super::metrics::count_local(super::metrics::Local::PacketsSent, 1);
         self.q().push_packet(p, protocol);
     }
 
@@ -344,6 +345,7 @@ impl OutQueue {
     /// payload is referenced, never copied (nor the topic: the header
     /// borrows it).
     pub fn push_publish(&mut self, h: &PublishHeader<'_>, payload: &Bytes, protocol: Protocol) {
+        super::metrics::count_local(super::metrics::Local::PacketsSent, 1);
         self.q().push_publish(h, payload, protocol);
     }
 

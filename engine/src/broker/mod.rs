@@ -387,7 +387,8 @@ pub struct Shard {
     /// The ACL of that generation.
     pub acl: RefCell<Option<Arc<Acl>>>,
     pub st: RefCell<State>,
-    pub metrics: Metrics,
+    /// Written by this shard only; read by scrapes from any thread.
+    pub metrics: Arc<Metrics>,
     /// Seconds since the shard started (set by the runtime's ticker).
     pub now: Cell<u64>,
     /// Wakes the runtime's mesh pump when the outbox gets work.
@@ -452,7 +453,7 @@ impl Shard {
                 next_uid: 0,
                 dur_acked: vec![0; n],
             }),
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             now: Cell::new(0),
             pump_waker: Cell::new(None),
             paused: RefCell::new(Vec::new()),

@@ -101,6 +101,15 @@ impl Shard {
     pub fn on_tick(&self, now: u64) {
         self.now.set(now);
         self.check_security();
+        self.metrics.absorb_local();
+        {
+            let st = self.st.borrow();
+            let m = &self.metrics;
+            m.sessions.set(st.sessions.len() as u64);
+            m.subscriptions.set(st.index.len() as u64);
+            m.retained.set(st.retained.len() as u64);
+            m.route_cache_hits.set(st.cache.hits);
+        }
         let mut due = Vec::new();
         let mut st = self.st.borrow_mut();
         self.run_timers(&mut st, now);
@@ -142,9 +151,14 @@ impl Shard {
     /// Publishes this shard's counters as retained `$SYS` messages.
     pub fn publish_sys(&self) {
         {
+            // O(sessions): only every sys_interval.
             let st = self.st.borrow();
-            self.metrics.sessions.set(st.sessions.len() as u64);
-            self.metrics.route_cache_hits.set(st.cache.hits);
+            let queued: usize = st
+                .sessions
+                .iter()
+                .map(|(_, e)| e.session.queued_len() + e.session.inflight_len())
+                .sum();
+            self.metrics.queued.set(queued as u64);
         }
         let mut st = self.st.borrow_mut();
         let mut all: Vec<(String, u64)> = self

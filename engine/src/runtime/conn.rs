@@ -17,7 +17,7 @@ use super::sched::{self, TaskKey};
 use super::{ratelog, Rt};
 use crate::broker::client::{self, Flow};
 use crate::broker::conn::{CloseReason, Conn, OutQueue};
-use crate::broker::metrics::Metrics;
+use crate::broker::metrics::{count_local, Local, Metrics};
 use crate::broker::{home_shard, Handoff, ShardMsg};
 use crate::security::{Admission, Refusal};
 use crate::transport::{Layers, Ws};
@@ -47,6 +47,8 @@ enum Outcome {
     Handoff(Box<Connect>, Bytes),
     /// CONNECT's password must be checked (off the shard) before it goes on.
     Authenticate(Box<Connect>, Bytes, Arc<PasswordFile>),
+    /// An HTTP response being computed (a scrape): sent, then closed.
+    Http(Pin<Box<dyn Future<Output = (u16, Vec<u8>)>>>),
 }
 
 /// What the task waits for before reading again.
@@ -60,6 +62,8 @@ enum Pending {
         connect: Box<Connect>,
         rest: Bytes,
     },
+    /// An HTTP response being computed.
+    Http(Pin<Box<dyn Future<Output = (u16, Vec<u8>)>>>),
 }
 
 struct Io {
@@ -168,9 +172,23 @@ impl Future for ConnTask {
                 }
                 continue;
             }
+            if let Some(Pending::Http(f)) = this.pending.as_deref_mut() {
+                let Poll::Ready((status, bytes)) = f.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                this.pending = None;
+                if let Some(ws) = io.layers.as_deref_mut().and_then(|l| l.ws.as_mut()) {
+                    ws.out.push_bytes(&bytes);
+                }
+                this.conn.request_close(CloseReason::Http {
+                    status,
+                    what: "HTTP request",
+                });
+                continue;
+            }
             let outcome = match this.pending.take().map(|p| *p) {
                 Some(Pending::Outcome(o)) => o,
-                Some(p @ Pending::Auth { .. }) => {
+                Some(p @ (Pending::Auth { .. } | Pending::Http(_))) => {
                     this.pending = Some(Box::new(p));
                     continue;
                 }
@@ -179,10 +197,17 @@ impl Future for ConnTask {
                     Poll::Pending => return Poll::Pending,
                 },
             };
-            if let Outcome::Authenticate(connect, rest, file) = outcome {
-                this.pending = Some(Box::new(authenticate(connect, rest, file)));
-                continue;
-            }
+            let outcome = match outcome {
+                Outcome::Authenticate(connect, rest, file) => {
+                    this.pending = Some(Box::new(authenticate(connect, rest, file)));
+                    continue;
+                }
+                Outcome::Http(f) => {
+                    this.pending = Some(Box::new(Pending::Http(f)));
+                    continue;
+                }
+                o => o,
+            };
             let Some(io) = this.io.take() else {
                 return Poll::Ready(());
             };
@@ -195,7 +220,7 @@ impl Future for ConnTask {
                     handoff(&this.rt, io, &this.conn, connect, rest);
                     return Poll::Ready(());
                 }
-                Outcome::Authenticate(..) => {}
+                Outcome::Authenticate(..) | Outcome::Http(_) => {}
             }
         }
     }
@@ -383,6 +408,7 @@ impl Io {
                 )
             };
             if r >= 0 {
+                rt.shard.metrics.bytes_received.add(r as u64);
                 if r > 0 && (r as usize) < rb.len() {
                     // A short read drained the socket: anything arriving
                     // later makes the ring report it readable, so the
@@ -428,8 +454,10 @@ impl Io {
             std::mem::take(&mut ws.raw)
         };
         if !ws.open {
-            if !upgrade(rt, conn, self.listener, ws, &mut raw) {
-                return None;
+            match upgrade(rt, conn, self.listener, ws, &mut raw) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(o) => return Some(o),
             }
             // A trusted proxy named the client (X-Forwarded-For).
             if !self.addr_counted && !count_address(rt, conn, &mut self.addr_counted) {
@@ -642,15 +670,36 @@ fn tls_stage(
 }
 
 /// The HTTP part of a WebSocket connection. Returns true once upgraded
-/// (with `raw` advanced past the request).
-fn upgrade(rt: &Rt, conn: &Conn, listener: u16, ws: &mut Ws, raw: &mut BytesMut) -> bool {
+/// (with `raw` advanced past the request); an HTTP request for another
+/// path is answered (`http::serve`), perhaps later (`Outcome::Http`).
+fn upgrade(
+    rt: &Rt,
+    conn: &Conn,
+    listener: u16,
+    ws: &mut Ws,
+    raw: &mut BytesMut,
+) -> Result<bool, Outcome> {
     let m = &rt.shard.metrics;
     let peer = conn.peer();
     let cfg = &rt.endpoints[usize::from(listener)].cfg.ws;
     match handshake(raw, cfg, peer.ip()) {
         Handshake::NeedMore => {
             ws.raw = BytesMut::from(&raw[..]);
-            false
+            Ok(false)
+        }
+        Handshake::Http(req) => {
+            raw.advance(req.consumed.min(raw.len()));
+            match super::http::serve(rt, listener, &req) {
+                super::http::Reply::Now(status, bytes) => {
+                    ws.out.push_bytes(&bytes);
+                    conn.request_close(CloseReason::Http {
+                        status,
+                        what: "HTTP request",
+                    });
+                    Ok(false)
+                }
+                super::http::Reply::Later(f) => Err(Outcome::Http(f)),
+            }
         }
         Handshake::Respond {
             status,
@@ -665,7 +714,7 @@ fn upgrade(rt: &Rt, conn: &Conn, listener: u16, ws: &mut Ws, raw: &mut BytesMut)
                 debug!(shard = rt.shard.id, peer = %peer, status, why, "WebSocket handshake refused");
             }
             conn.request_close(CloseReason::Http { status, what: why });
-            false
+            Ok(false)
         }
         Handshake::Upgrade {
             response,
@@ -680,7 +729,7 @@ fn upgrade(rt: &Rt, conn: &Conn, listener: u16, ws: &mut Ws, raw: &mut BytesMut)
                 conn.set_peer(SocketAddr::new(ip, 0));
             }
             Metrics::inc(&m.ws_upgrades);
-            true
+            Ok(true)
         }
     }
 }
@@ -715,6 +764,7 @@ fn process(
         let protocol = conn.state.borrow().protocol;
         match mqtt::decode(buf, protocol, max) {
             Ok(Some(mut p)) => {
+                Metrics::inc(&rt.shard.metrics.packets_received);
                 if let Packet::Connect(c) = &mut p {
                     if let Some(id) = identity {
                         c.username = Some(id.into());
@@ -808,7 +858,10 @@ fn write_queue(fd: &OwnedFd, key: TaskKey, q: &mut OutQueue) -> io::Result<()> {
         let mut iov = [IoSlice::new(&[]); IOV_MAX];
         let n = q.iovecs(&mut iov);
         match sendmsg(fd.as_raw_fd(), &iov[..n]) {
-            Ok(w) => q.advance(w),
+            Ok(w) => {
+                count_local(Local::BytesSent, w as u64);
+                q.advance(w)
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 sched::with(|s| s.want_write(key));

@@ -80,6 +80,11 @@ impl Endpoint {
         true
     }
 
+    /// Connections open now on this listener, over all shards.
+    pub fn open_now(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// A connection of this listener closed.
     pub fn closed(&self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
@@ -88,7 +93,8 @@ impl Endpoint {
     /// The layers a new connection of this listener starts with (None:
     /// plain MQTT over TCP).
     fn layers(&self, max_frame: u64) -> Result<Option<Box<Layers>>, rustls::Error> {
-        let ws = self.cfg.protocol == ListenProtocol::Ws;
+        // An HTTP listener is a WebSocket listener that never upgrades.
+        let ws = matches!(self.cfg.protocol, ListenProtocol::Ws | ListenProtocol::Http);
         if !ws && self.tls.is_none() && !self.cfg.proxy_protocol {
             return Ok(None);
         }

@@ -7,6 +7,7 @@
 //! move to the community fork or another runtime touches this module only.
 
 mod conn;
+mod http;
 mod limits;
 mod listener;
 mod pump;
@@ -45,6 +46,8 @@ pub(crate) struct Rt {
     pub endpoints: Arc<Vec<Endpoint>>,
     /// Connection limits shared by every shard.
     pub limits: Arc<limits::ConnLimits>,
+    /// Every shard's metrics (index = shard id), read by scrapes.
+    pub metrics: Arc<Vec<Arc<crate::broker::metrics::Metrics>>>,
 }
 
 /// The CPUs this process may run on.
@@ -123,7 +126,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
     for (l, addr) in cfg.listeners.iter().zip(&bound.addrs) {
         let kind = l.name();
         // A stable line on stdout that scripts and tests wait for.
-        println!("tarta listening mqtt/{kind} {addr}");
+        if l.protocol == crate::config::ListenProtocol::Http {
+            println!("tarta listening {kind} {addr}");
+        } else {
+            println!("tarta listening mqtt/{kind} {addr}");
+        }
         info!(%addr, tls = l.tls.is_some(), proxy_protocol = l.proxy_protocol, "listening for MQTT over {kind}");
         if addr.ip().is_loopback() {
             info!(
@@ -137,6 +144,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let endpoints = Arc::new(endpoints);
     let conn_limits = Arc::new(limits::ConnLimits::new(cfg.limits.clone()));
+    // Every shard's metrics, for scrapes on any shard.
+    let all_metrics: Arc<Vec<Arc<crate::broker::metrics::Metrics>>> =
+        Arc::new((0..n).map(|_| Arc::default()).collect());
     // Recovery, before any shard runs: every shard's log, in parallel.
     let epoch_unix = crate::store::unix_now();
     let opened = match &cfg.store {
@@ -187,6 +197,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let (cfg, security, shutdown) = (cfg.clone(), security.clone(), shutdown.clone());
         let endpoints = endpoints.clone();
         let limits = conn_limits.clone();
+        let metrics = all_metrics.clone();
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("tarta-shard-{id}"))
             .io_memory(cfg.io_memory)
@@ -194,8 +205,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
             // pinned, so the kernel may run it on whichever core is idle.
             .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .spawn(move || async move {
+                let mut shard = Shard::new(id, n, cfg, security);
+                shard.metrics = metrics[id].clone();
                 let rt = Rc::new(Rt {
-                    shard: Shard::new(id, n, cfg, security),
+                    shard,
+                    metrics,
                     mesh: ends,
                     rbuf: RefCell::new(BytesMut::new()),
                     shutdown,

@@ -106,7 +106,7 @@ pub fn server_config(
     })?;
     cfg.alpn_protocols = vec![match l.protocol {
         ListenProtocol::Mqtt => b"mqtt".to_vec(),
-        ListenProtocol::Ws => b"http/1.1".to_vec(),
+        ListenProtocol::Ws | ListenProtocol::Http => b"http/1.1".to_vec(),
     }];
     // The order above, not the client's, picks the suite.
     cfg.ignore_client_order = true;

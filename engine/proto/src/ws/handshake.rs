@@ -55,29 +55,57 @@ pub enum Handshake {
         response: Vec<u8>,
         why: &'static str,
     },
+    /// A plain HTTP request for another path (metrics, the dashboard, the
+    /// admin API): the caller answers it (404 if it serves nothing there).
+    Http(HttpRequest),
 }
 
-fn respond(status: u16, why: &'static str, extra: &str) -> Handshake {
+/// A plain HTTP request on a WebSocket (or HTTP) listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// What follows `?`, if anything.
+    pub query: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The request's length in bytes (a body is not read).
+    pub consumed: usize,
+}
+
+/// An HTTP/1.1 response that closes the connection.
+pub fn http_response(status: u16, content_type: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let text = match status {
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Error",
     };
+    let mut r = format!(
+        "HTTP/1.1 {status} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n{extra}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+fn respond(status: u16, why: &'static str, extra: &str) -> Handshake {
     let body = if status == 200 {
         "ok\n".to_string()
     } else {
         format!("{why}\n")
     };
-    let response = format!(
-        "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
-        body.len()
-    )
-    .into_bytes();
+    let response = http_response(status, "text/plain", extra, body.as_bytes());
     Handshake::Respond {
         status,
         response,
@@ -113,18 +141,28 @@ pub fn handshake(buf: &[u8], cfg: &HandshakeConfig, peer: IpAddr) -> Handshake {
     if consumed > cfg.max_request {
         return respond(431, "request too large", "");
     }
-    if req.method != Some("GET") {
-        return respond(405, "only GET is served here", "Allow: GET\r\n");
-    }
     if req.version != Some(1) {
         return respond(400, "HTTP/1.1 is required", "");
     }
-    let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
-    if path == "/health" {
+    let (path, query) = req
+        .path
+        .unwrap_or("")
+        .split_once('?')
+        .unwrap_or((req.path.unwrap_or(""), ""));
+    if path == "/health" && req.method == Some("GET") {
         return respond(200, "health", "");
     }
     if path != cfg.path {
-        return respond(404, "no such path", "");
+        return Handshake::Http(HttpRequest {
+            method: req.method.unwrap_or("").to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            authorization: header(&req, "authorization").map(str::to_string),
+            consumed,
+        });
+    }
+    if req.method != Some("GET") {
+        return respond(405, "only GET is served here", "Allow: GET\r\n");
     }
     if !has_token(header(&req, "upgrade"), "websocket") {
         return respond(
@@ -220,6 +258,7 @@ mod tests {
         match h {
             Handshake::Upgrade { .. } => 101,
             Handshake::Respond { status, .. } => *status,
+            Handshake::Http(_) => 1,
             Handshake::NeedMore => 0,
         }
     }
@@ -255,7 +294,22 @@ mod tests {
             ..Default::default()
         };
         let s = |r: String| status(&handshake(r.as_bytes(), &cfg, LOCAL));
-        assert_eq!(s(req("/other", "")), 404);
+        // Another path is for the caller (metrics, dashboard, admin API).
+        assert_eq!(s(req("/other", "")), 1);
+        match handshake(
+            b"POST /api/x?a=1 HTTP/1.1\r\nAuthorization: Basic eA==\r\n\r\n",
+            &cfg,
+            LOCAL,
+        ) {
+            Handshake::Http(r) => {
+                assert_eq!(
+                    (r.method.as_str(), r.path.as_str(), r.query.as_str()),
+                    ("POST", "/api/x", "a=1")
+                );
+                assert_eq!(r.authorization.as_deref(), Some("Basic eA=="));
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(s(req("/mqtt", "Origin: https://evil.example\r\n")), 403);
         assert_eq!(s(req("/mqtt", "Origin: https://app.example\r\n")), 101);
         assert_eq!(s(req("/mqtt", "Sec-WebSocket-Protocol: chat\r\n")), 400);

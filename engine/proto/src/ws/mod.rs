@@ -7,7 +7,7 @@ pub mod handshake;
 pub mod mask;
 
 pub use frame::{close_frame, frame_header, FrameDecoder, WsError, WsEvent};
-pub use handshake::{handshake, Handshake, HandshakeConfig};
+pub use handshake::{handshake, http_response, Handshake, HandshakeConfig, HttpRequest};
 
 /// WebSocket close codes used by the broker (RFC 6455 §7.4.1).
 pub mod close {

@@ -1,0 +1,268 @@
+//! The Prometheus exposition (`GET /metrics`, text format 0.0.4): every
+//! shard's counters and gauges, read directly (they are atomics only their
+//! shard writes) and labelled `shard`, the listeners' open connections,
+//! and the process's memory, CPU and descriptors. Encoded with the
+//! `prometheus` crate's `TextEncoder`. Reading `/proc` is file I/O: the
+//! runtime calls [`render`] on a blocking thread, never on a shard.
+
+use crate::broker::metrics::{Kind, Metrics};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+
+use prometheus::TextEncoder;
+use std::sync::Arc;
+
+/// Metrics every shard holds a full copy of: exported once, from shard 0.
+const REPLICATED: [&str; 1] = ["retained"];
+
+/// One listener as the scrape sees it.
+#[derive(Debug, Clone)]
+pub struct ListenerStat {
+    pub addr: String,
+    /// tcp, ws, tls, wss or http.
+    pub transport: &'static str,
+    pub open: u64,
+}
+
+/// What one scrape reads.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub shards: Arc<Vec<Arc<Metrics>>>,
+    pub listeners: Vec<ListenerStat>,
+    /// Log lines dropped by the non-blocking writer.
+    pub log_dropped: u64,
+    pub version: &'static str,
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn metric(kind: Kind, value: f64, pairs: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(labels(pairs));
+    match kind {
+        Kind::Counter => {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        }
+        Kind::Gauge => {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+    }
+    m
+}
+
+fn family(name: &str, help: &str, kind: Kind, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    // Prometheus's conventions: counters end in _total.
+    f.set_name(match kind {
+        Kind::Counter => format!("{name}_total"),
+        Kind::Gauge => name.to_string(),
+    });
+    f.set_help(help.to_string());
+    f.set_field_type(match kind {
+        Kind::Counter => MetricType::COUNTER,
+        Kind::Gauge => MetricType::GAUGE,
+    });
+    for m in metrics {
+        f.mut_metric().push(m);
+    }
+    f
+}
+
+fn families(s: &Sources) -> Vec<MetricFamily> {
+    let mut out = Vec::new();
+    let values: Vec<Vec<(&str, u64)>> = s.shards.iter().map(|m| m.snapshot()).collect();
+    for (i, (name, kind, help)) in Metrics::DESCRIPTORS.iter().enumerate() {
+        let mut ms = Vec::new();
+        for (shard, v) in values.iter().enumerate() {
+            if REPLICATED.contains(name) && shard > 0 {
+                break;
+            }
+            let shard = shard.to_string();
+            ms.push(metric(*kind, v[i].1 as f64, &[("shard", &shard)]));
+        }
+        out.push(family(&format!("tarta_{name}"), help, *kind, ms));
+    }
+    let ms = s
+        .listeners
+        .iter()
+        .map(|l| {
+            metric(
+                Kind::Gauge,
+                l.open as f64,
+                &[("listener", &l.addr), ("transport", l.transport)],
+            )
+        })
+        .collect();
+    out.push(family(
+        "tarta_listener_connections",
+        "Connections open now on a listener (all shards).",
+        Kind::Gauge,
+        ms,
+    ));
+    out.push(family(
+        "tarta_log_lines_dropped",
+        "Log lines dropped because stderr could not keep up.",
+        Kind::Counter,
+        vec![metric(Kind::Counter, s.log_dropped as f64, &[])],
+    ));
+    out.push(family(
+        "tarta_build_info",
+        "The running version (always 1).",
+        Kind::Gauge,
+        vec![metric(Kind::Gauge, 1.0, &[("version", s.version)])],
+    ));
+    process(&mut out);
+    out
+}
+
+/// The process's own figures, from /proc (Prometheus's standard names).
+fn process(out: &mut Vec<MetricFamily>) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may contain spaces).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf with constant names.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let one = |name: &str, help: &str, kind: Kind, v: f64| {
+        // process_cpu_seconds_total: the family name carries the suffix.
+        let mut f = family(name, help, kind, vec![metric(kind, v, &[])]);
+        if kind == Kind::Counter {
+            f.set_name(format!("{name}_total"));
+        }
+        f
+    };
+    // utime and stime: fields 14 and 15 of stat (11 and 12 after the name).
+    let cpu = (num(11) + num(12)) as f64 / ticks;
+    out.push(one(
+        "process_cpu_seconds",
+        "User and system CPU time spent in seconds.",
+        Kind::Counter,
+        cpu,
+    ));
+    out.push(one(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes.",
+        Kind::Gauge,
+        (num(21) * page) as f64,
+    ));
+    out.push(one(
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes.",
+        Kind::Gauge,
+        num(20) as f64,
+    ));
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        out.push(one(
+            "process_open_fds",
+            "Number of open file descriptors.",
+            Kind::Gauge,
+            dir.count() as f64,
+        ));
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        out.push(one(
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            Kind::Gauge,
+            lim.rlim_cur as f64,
+        ));
+    }
+}
+
+/// The text exposition (format 0.0.4) of everything in `s`.
+pub fn render(s: Sources) -> String {
+    let mut out = String::with_capacity(32 * 1024);
+    if TextEncoder::new()
+        .encode_utf8(&families(&s), &mut out)
+        .is_err()
+    {
+        out.clear();
+    }
+    out
+}
+
+/// The Content-Type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_gauges_labels_and_process() {
+        let shards: Vec<Arc<Metrics>> = (0..2).map(|_| Arc::new(Metrics::default())).collect();
+        shards[0].messages_received.set(5);
+        shards[1].messages_received.set(7);
+        shards[1].connections_current.set(3);
+        shards[0].retained.set(9);
+        shards[1].retained.set(9);
+        let text = render(Sources {
+            shards: Arc::new(shards),
+            listeners: vec![ListenerStat {
+                addr: "127.0.0.1:1883".into(),
+                transport: "tcp",
+                open: 3,
+            }],
+            log_dropped: 0,
+            version: "0.1.0",
+        });
+        assert!(
+            text.contains("# TYPE tarta_messages_received_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_messages_received_total{shard=\"0\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_messages_received_total{shard=\"1\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE tarta_connections_current gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_connections_current{shard=\"1\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("tarta_retained{shard=\"0\"} 9"), "{text}");
+        assert!(!text.contains("tarta_retained{shard=\"1\"}"), "{text}");
+        assert!(
+            text.contains(
+                "tarta_listener_connections{listener=\"127.0.0.1:1883\",transport=\"tcp\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_open_fds "), "{text}");
+    }
+}
