@@ -24,7 +24,9 @@ pub struct Broker {
 
 /// (kind, port) of a `tarta listening mqtt/KIND ADDR` line.
 fn listening(line: &str) -> Option<(String, u16)> {
-    let rest = line.strip_prefix("tarta listening mqtt/")?;
+    let rest = line.strip_prefix("tarta listening ")?;
+    // `mqtt/tcp ADDR`, or `http ADDR` for an HTTP-only listener.
+    let rest = rest.strip_prefix("mqtt/").unwrap_or(rest);
     let (kind, addr) = rest.split_once(' ')?;
     let port = addr.rsplit(':').next()?.parse().ok()?;
     Some((kind.to_string(), port))

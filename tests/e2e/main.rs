@@ -12,6 +12,7 @@ mod durability;
 mod errors;
 mod limits;
 mod logging;
+mod metrics;
 mod ops;
 mod pubsub;
 mod sessions;

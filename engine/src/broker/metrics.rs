@@ -64,6 +64,7 @@ metrics! {
     counter share_undeliverable: "Messages for a shared subscription whose members all went away.",
     counter acl_denied: "PUBLISH and SUBSCRIBE requests denied by the ACL.",
     gauge sessions: "Sessions (online and offline) homed on this shard.",
+    gauge sessions_online: "Sessions with a connection (refreshed every sys_interval).",
     gauge subscriptions: "Subscriptions of this shard's sessions (shared subscriptions not included).",
     gauge retained: "Retained messages (every shard holds them all).",
     gauge queued: "QoS 1/2 messages queued or in flight for this shard's sessions (refreshed every sys_interval).",

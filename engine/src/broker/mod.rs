@@ -19,6 +19,7 @@ mod shared;
 mod sim;
 #[cfg(test)]
 mod sim_tests;
+pub mod sys;
 mod tick;
 
 use crate::config::Config;
@@ -389,6 +390,10 @@ pub struct Shard {
     pub st: RefCell<State>,
     /// Written by this shard only; read by scrapes from any thread.
     pub metrics: Arc<Metrics>,
+    /// Every shard's metrics (shard 0 sums them into `$SYS/broker/...`).
+    pub all_metrics: RefCell<Arc<Vec<Arc<Metrics>>>>,
+    /// Shard 0: the previous `$SYS/broker` publication (load averages).
+    pub sys: RefCell<sys::SysState>,
     /// Seconds since the shard started (set by the runtime's ticker).
     pub now: Cell<u64>,
     /// Wakes the runtime's mesh pump when the outbox gets work.
@@ -454,6 +459,8 @@ impl Shard {
                 dur_acked: vec![0; n],
             }),
             metrics: Arc::new(Metrics::default()),
+            all_metrics: RefCell::new(Arc::new(Vec::new())),
+            sys: RefCell::new(Default::default()),
             now: Cell::new(0),
             pump_waker: Cell::new(None),
             paused: RefCell::new(Vec::new()),

@@ -153,31 +153,42 @@ impl Shard {
         {
             // O(sessions): only every sys_interval.
             let st = self.st.borrow();
-            let queued: usize = st
-                .sessions
-                .iter()
-                .map(|(_, e)| e.session.queued_len() + e.session.inflight_len())
-                .sum();
+            let (mut queued, mut online) = (0, 0);
+            for (_, e) in st.sessions.iter() {
+                queued += e.session.queued_len() + e.session.inflight_len();
+                online += usize::from(e.conn.is_some());
+            }
             self.metrics.queued.set(queued as u64);
+            self.metrics.sessions_online.set(online as u64);
         }
         let mut st = self.st.borrow_mut();
-        let mut all: Vec<(String, u64)> = self
+        let all: Vec<(String, u64)> = self
             .metrics
             .snapshot()
             .into_iter()
             .map(|(name, v)| (format!("$SYS/tarta/shard/{}/{name}", self.id), v))
             .collect();
+        let mut all: Vec<(String, String)> =
+            all.into_iter().map(|(t, v)| (t, v.to_string())).collect();
         if self.id == 0 {
             // Process-wide.
             all.push((
                 "$SYS/tarta/log_lines_dropped".into(),
-                crate::logging::dropped_lines(),
+                crate::logging::dropped_lines().to_string(),
             ));
+            // The whole broker under Mosquitto's names.
+            let shards = self.all_metrics.borrow().clone();
+            let now = self.now.get();
+            all.extend(
+                self.sys
+                    .borrow_mut()
+                    .topics(&shards, now, env!("CARGO_PKG_VERSION")),
+            );
         }
         for (topic, value) in all {
             let msg = Arc::new(Message {
                 topic: ByteStr::from(topic),
-                payload: Bytes::from(value.to_string()),
+                payload: Bytes::from(value),
                 qos: QoS::AtMostOnce,
                 retain: true,
                 properties: Default::default(),

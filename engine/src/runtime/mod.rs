@@ -177,6 +177,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         _lock = Some(o.lock);
     }
     let signals = block_signals();
+    memory_watch();
     let cfg = Arc::new(cfg);
     let shutdown = Arc::new(AtomicBool::new(false));
     let (ends, bells) = mesh::build::<ShardMsg>(n, cfg.mesh_capacity);
@@ -207,6 +208,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             .spawn(move || async move {
                 let mut shard = Shard::new(id, n, cfg, security);
                 shard.metrics = metrics[id].clone();
+                *shard.all_metrics.borrow_mut() = metrics.clone();
                 let rt = Rc::new(Rt {
                     shard,
                     metrics,
@@ -251,6 +253,33 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Refreshes the resident size `$SYS/broker/heap/*` reports, once a second,
+/// on a thread of its own (reading /proc is file I/O: never on a shard).
+fn memory_watch() {
+    use crate::broker::sys::{RSS_BYTES, RSS_MAX};
+    use std::sync::atomic::Ordering::Relaxed;
+    // SAFETY: sysconf with a constant name.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let spawned = std::thread::Builder::new()
+        .name("tarta-memory".into())
+        .spawn(move || loop {
+            if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
+                if let Some(rss) = s
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    RSS_BYTES.store(rss * page, Relaxed);
+                    RSS_MAX.fetch_max(rss * page, Relaxed);
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the memory watcher: {e}");
+    }
 }
 
 /// SIGHUP: re-reads every TLS listener's certificates. New connections
