@@ -137,6 +137,7 @@ pub struct FileConfig {
     pub auth_failure_delay_ms: Option<u64>,
     pub metrics: Option<bool>,
     pub http: Option<Vec<SocketAddr>>,
+    pub admin_token: Option<String>,
     pub max_keepalive: Option<u16>,
     pub log: Option<String>,
     pub log_format: Option<LogFormat>,
@@ -264,6 +265,8 @@ pub struct Config {
     /// How long a refused login waits before its CONNACK (slows guessing;
     /// the shard goes on meanwhile).
     pub auth_failure_delay_ms: u64,
+    /// The admin API's bearer token (None: the API is off).
+    pub admin_token: Option<String>,
     /// Largest keep-alive accepted (3.x clients asking for more are refused
     /// with "identifier rejected", as Mosquitto does; 0 = no limit).
     pub max_keepalive: u16,
@@ -533,6 +536,7 @@ impl Config {
             pin: !cli.no_pin && file.pin.unwrap_or(true),
             acl_file: cli.acl_file.or(file.acl_file),
             auth_failure_delay_ms: file.auth_failure_delay_ms.unwrap_or(1000),
+            admin_token: file.admin_token.filter(|t| !t.is_empty()),
             max_keepalive: cli.max_keepalive.or(file.max_keepalive).unwrap_or(65535),
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             log_format: cli
@@ -621,6 +625,9 @@ impl Config {
         }
         if l.connection_rate_per_address != 0 && l.connection_burst_per_address == 0 {
             return Err("connection_burst_per_address must be at least 1 when connection_rate_per_address is set".into());
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err("admin_token must be at least 16 characters".into());
         }
         if self.mesh_capacity == 0 {
             return Err("mesh_capacity must be at least 1".into());

@@ -7,6 +7,7 @@
 mod harness;
 
 mod acl;
+mod admin;
 mod auth;
 mod durability;
 mod errors;

@@ -61,6 +61,8 @@ pub enum CloseReason {
     HandedOff,
     /// A connection limit (counted and logged where it was found).
     LimitReached(&'static str),
+    /// Disconnected through the admin API (5.0: 0x98).
+    Administrative,
     /// A message that must be logged could not be (disk full, I/O error):
     /// a 3.x publisher is closed without its acknowledgement and resends.
     StorageFailed,
@@ -81,6 +83,7 @@ impl CloseReason {
             CloseReason::NotAuthorized => NOT_AUTHORIZED,
             CloseReason::Shutdown => SERVER_SHUTTING_DOWN,
             CloseReason::StorageFailed => QUOTA_EXCEEDED,
+            CloseReason::Administrative => ADMINISTRATIVE_ACTION,
             _ => return None,
         })
     }
@@ -100,6 +103,7 @@ impl CloseReason {
             CloseReason::Shutdown => "the server is shutting down".into(),
             CloseReason::NotAuthorized => "not authorized".into(),
             CloseReason::StorageFailed => "the broker cannot store messages right now".into(),
+            CloseReason::Administrative => "disconnected by an administrator".into(),
             CloseReason::Ws { what, .. } => (*what).into(),
             other => format!("{other:?}"),
         }
@@ -395,6 +399,8 @@ pub struct ConnState {
     pub alias_max_out: u16,
     /// 5.0: the client asked for reason strings (Request Problem Information).
     pub problem_info: bool,
+    /// The listener it came through (`Config::listeners` index).
+    pub listener: u16,
 }
 
 /// Topic aliases of one 5.0 connection.
@@ -445,6 +451,11 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Shard second the connection was accepted.
+    pub fn accepted_at(&self) -> u64 {
+        u64::from(self.accepted_at)
+    }
+
     pub fn new(peer: SocketAddr, now: u64) -> Self {
         Conn {
             peer: Cell::new((peer.ip(), peer.port())),
@@ -470,6 +481,7 @@ impl Conn {
                 aliases: None,
                 alias_max_out: 0,
                 problem_info: true,
+                listener: 0,
             }),
         }
     }

@@ -7,6 +7,7 @@
 //! batches (`Shard::on_mesh`) and ticks (`Shard::on_tick`), and it drains the
 //! connections' write queues and the outbox.
 
+pub mod admin;
 pub mod client;
 pub mod clients;
 pub mod conn;
@@ -85,6 +86,8 @@ pub enum ShardMsg {
     },
     /// A connection whose CONNECT named a client id homed on the receiver.
     Handoff(Box<Handoff>),
+    /// An admin API question or answer.
+    Admin(Box<admin::AdminMsg>),
 }
 
 pub struct Handoff {
@@ -394,6 +397,10 @@ pub struct Shard {
     pub all_metrics: RefCell<Arc<Vec<Arc<Metrics>>>>,
     /// Shard 0: the previous `$SYS/broker` publication (load averages).
     pub sys: RefCell<sys::SysState>,
+    /// Admin API requests waiting for other shards' answers, by id.
+    pub admin_waits: Rc<RefCell<HashMap<u64, admin::AdminWait>>>,
+    /// Numbers admin requests (with the shard id in the low bits).
+    pub admin_seq: Cell<u64>,
     /// Seconds since the shard started (set by the runtime's ticker).
     pub now: Cell<u64>,
     /// Wakes the runtime's mesh pump when the outbox gets work.
@@ -461,6 +468,8 @@ impl Shard {
             metrics: Arc::new(Metrics::default()),
             all_metrics: RefCell::new(Arc::new(Vec::new())),
             sys: RefCell::new(Default::default()),
+            admin_waits: Default::default(),
+            admin_seq: Cell::new(0),
             now: Cell::new(0),
             pump_waker: Cell::new(None),
             paused: RefCell::new(Vec::new()),
@@ -891,6 +900,7 @@ impl Shard {
                 ShardMsg::ShareDel(g, f) => self.share_route_update(st, &(g, f), from, false),
                 ShardMsg::Shared { key, msg, hops } => self.deliver_shared(st, key, msg, hops),
                 ShardMsg::Handoff(h) => handoffs.push(h),
+                ShardMsg::Admin(m) => self.on_admin(st, from, *m),
             }
         }
     }

@@ -1059,6 +1059,7 @@ pub fn adopt(rt: &Rc<Rt>, h: Handoff) {
         addr_counted,
     } = h;
     let conn = rt.shard.new_conn(peer);
+    conn.state.borrow_mut().listener = listener;
     debug!(shard = rt.shard.id, peer = %peer, client_id = %connect.client_id, "adopted connection");
     let start = Start {
         listener,

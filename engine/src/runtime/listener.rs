@@ -310,6 +310,7 @@ fn admit(rt: &Rc<Rt>, fd: OwnedFd, peer: SocketAddr, idx: u16) {
     let _ = socket2::SockRef::from(&fd).set_nodelay(true);
     Metrics::inc(&m.connections_accepted);
     let c = rt.shard.new_conn(peer);
+    c.state.borrow_mut().listener = idx;
     let start = conn::Start {
         listener: idx,
         layers,
