@@ -138,6 +138,7 @@ pub struct FileConfig {
     pub metrics: Option<bool>,
     pub http: Option<Vec<SocketAddr>>,
     pub admin_token: Option<String>,
+    pub dashboard: Option<bool>,
     pub max_keepalive: Option<u16>,
     pub log: Option<String>,
     pub log_format: Option<LogFormat>,
@@ -267,6 +268,8 @@ pub struct Config {
     pub auth_failure_delay_ms: u64,
     /// The admin API's bearer token (None: the API is off).
     pub admin_token: Option<String>,
+    /// Serve the live dashboard at `/` on WebSocket listeners.
+    pub dashboard: bool,
     /// Largest keep-alive accepted (3.x clients asking for more are refused
     /// with "identifier rejected", as Mosquitto does; 0 = no limit).
     pub max_keepalive: u16,
@@ -537,6 +540,7 @@ impl Config {
             acl_file: cli.acl_file.or(file.acl_file),
             auth_failure_delay_ms: file.auth_failure_delay_ms.unwrap_or(1000),
             admin_token: file.admin_token.filter(|t| !t.is_empty()),
+            dashboard: file.dashboard.unwrap_or(true),
             max_keepalive: cli.max_keepalive.or(file.max_keepalive).unwrap_or(65535),
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             log_format: cli

@@ -48,6 +48,8 @@ TARTA_EDGE_PID=
 # The password-file broker and the Mosquitto broker reading tarta passwd's file.
 TARTA_PW_PID=
 MOSQ_PW_PID=
+# The broker with a password file behind the dashboard's login check.
+TARTA_DASH_PID=
 HAPROXY_PID=
 NGINX_STREAM_PID=
 # Extra options for every mosquitto_pub/mosquitto_sub of the helpers below
@@ -87,6 +89,7 @@ cleanup() {
     stop_pid "$TARTA_TLS_PID"
     stop_pid "$TARTA_EDGE_PID"
     stop_pid "${TARTA_PW_PID:-}"
+    stop_pid "${TARTA_DASH_PID:-}"
     stop_pid "${MOSQ_PW_PID:-}"
     stop_pid "$TARTA_PID"
     if [[ -n ${INTEROP_KEEP:-} ]]; then
@@ -1516,6 +1519,34 @@ if [[ -x ${CHROMIUM:-/usr/bin/chromium} ]]; then
 else
     echo "not ok - chromium: ${CHROMIUM:-/usr/bin/chromium} not found (apt-get install chromium)"
     FAILED=$((FAILED + 1))
+fi
+
+# The live dashboard in Chromium: against the main broker, and against a
+# broker with a password file (the page asks for credentials).
+check_dashboard() {
+    local pw=$WORK/dash.pw
+    "$TARTA" passwd -c -b "$pw" dash 'dash pw' || {
+        echo "not ok - dashboard: tarta passwd failed"
+        FAILED=$((FAILED + 1))
+        return
+    }
+    WHY=
+    if ! start_tarta dashauth --tcp 127.0.0.1:0 --ws 127.0.0.1:0 --shards 2 --no-pin --sys-interval 1 \
+        --password-file "$pw"; then
+        echo "not ok - dashboard: $WHY"
+        FAILED=$((FAILED + 1))
+        return
+    fi
+    TARTA_DASH_PID=$L_PID
+    local auth_ws
+    auth_ws=$(listen_ports dashauth mqtt/ws | head -n1)
+    node_suite dashboard $((CLIENT_TIMEOUT * 3)) dashboard_chromium.mjs --ws "$WS_PORT" --tcp "$PORT" \
+        --auth-ws "$auth_ws" --user dash --pass 'dash pw' --shot "${DASHBOARD_SHOT:-$WORK/dashboard.png}"
+    run_check "dashboard broker exits with status 0 within 5 s of SIGTERM" check_shutdown TARTA_DASH_PID
+}
+
+if [[ -x ${CHROMIUM:-/usr/bin/chromium} ]]; then
+    check_dashboard
 fi
 
 run_check "broker log has no panic" check_log_clean main

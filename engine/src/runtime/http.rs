@@ -65,9 +65,26 @@ pub fn serve(rt: &Rt, listener: u16, req: &HttpRequest) -> Reply {
                 )
             }))
         }
-        p if p.starts_with("/api/") => admin(rt, req),
+        "/" | "/index.html"
+            if rt.shard.cfg.dashboard && ep.cfg.protocol == crate::config::ListenProtocol::Ws =>
+        {
+            Reply::Now(200, dashboard(&ep.cfg.ws.path))
+        }
+        p if p.starts_with("/api/") && ep.cfg.metrics => admin(rt, req),
         _ => text(404, "no such path\n"),
     }
+}
+
+/// The dashboard page, pointed at this listener's WebSocket path (relative,
+/// so that it works under a reverse proxy's prefix).
+fn dashboard(ws_path: &str) -> Vec<u8> {
+    const PAGE: &str = include_str!("dashboard.html");
+    let rel = ws_path.trim_start_matches('/');
+    let page = PAGE.replace("__WS_PATH__", &rel.replace(['"', '\\', '<'], ""));
+    let csp = "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; \
+               style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src 'self' data:\r\n\
+               X-Content-Type-Options: nosniff\r\n";
+    http_response(200, "text/html; charset=utf-8", csp, page.as_bytes())
 }
 
 fn json_reply(status: u16, v: &serde_json::Value) -> (u16, Vec<u8>) {
