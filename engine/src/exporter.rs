@@ -5,8 +5,11 @@
 //! `prometheus` crate's `TextEncoder`. Reading `/proc` is file I/O: the
 //! runtime calls [`render`] on a blocking thread, never on a shard.
 
+use crate::broker::metrics::SYNC_BUCKETS_US;
 use crate::broker::metrics::{Kind, Metrics};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
 
 use prometheus::TextEncoder;
 use std::sync::Arc;
@@ -95,6 +98,59 @@ fn families(s: &Sources) -> Vec<MetricFamily> {
         }
         out.push(family(&format!("tarta_{name}"), help, *kind, ms));
     }
+    // By QoS.
+    for (name, help, pick) in [
+        (
+            "tarta_publish_received_by_qos",
+            "PUBLISH packets received from clients, by QoS.",
+            (|m: &Metrics| &m.received_qos)
+                as fn(&Metrics) -> &[crate::broker::metrics::Counter; 3],
+        ),
+        (
+            "tarta_publish_sent_by_qos",
+            "PUBLISH packets sent to clients, by QoS.",
+            |m: &Metrics| &m.sent_qos,
+        ),
+    ] {
+        let mut ms = Vec::new();
+        for (shard, m) in s.shards.iter().enumerate() {
+            let shard = shard.to_string();
+            for (q, c) in pick(m).iter().enumerate() {
+                let q = q.to_string();
+                ms.push(metric(
+                    Kind::Counter,
+                    c.get() as f64,
+                    &[("shard", &shard), ("qos", &q)],
+                ));
+            }
+        }
+        out.push(family(name, help, Kind::Counter, ms));
+    }
+    // The log sync latency histogram.
+    let mut f = MetricFamily::default();
+    f.set_name("tarta_log_sync_seconds".into());
+    f.set_help("Write-ahead log syncs by duration (the O_DSYNC write with fsync = always; fdatasync with fsync = interval).".into());
+    f.set_field_type(MetricType::HISTOGRAM);
+    for (shard, m) in s.shards.iter().enumerate() {
+        let mut h = Histogram::default();
+        let mut cumulative = 0;
+        let mut buckets = Vec::new();
+        for (i, le) in SYNC_BUCKETS_US.iter().enumerate() {
+            cumulative += m.sync_buckets[i].get();
+            let mut b = Bucket::default();
+            b.set_upper_bound(*le as f64 / 1e6);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        h.set_bucket(buckets);
+        h.set_sample_count(m.sync_count.get());
+        h.set_sample_sum(m.sync_sum_us.get() as f64 / 1e6);
+        let mut mm = Metric::default();
+        mm.set_label(labels(&[("shard", &shard.to_string())]));
+        mm.set_histogram(h);
+        f.mut_metric().push(mm);
+    }
+    out.push(f);
     let ms = s
         .listeners
         .iter()
@@ -264,5 +320,13 @@ mod tests {
         );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_open_fds "), "{text}");
+        assert!(
+            text.contains("tarta_log_sync_seconds_bucket{shard=\"0\",le=\"0.0001\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_publish_received_by_qos_total{shard=\"1\",qos=\"2\"} 0"),
+            "{text}"
+        );
     }
 }

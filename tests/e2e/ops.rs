@@ -66,3 +66,19 @@ fn out_of_file_descriptors_refuses_cleanly_and_recovers() {
         assert!(matches!(h.recv(), Some(Packet::PingResp)));
     }
 }
+
+#[test]
+fn a_second_broker_on_the_same_port_is_refused() {
+    let b = Broker::start();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarta"))
+        .args([
+            "--no-persistence",
+            "--tcp",
+            &format!("127.0.0.1:{}", b.port),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another process listens there"), "{err}");
+}

@@ -476,6 +476,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         return protocol_error("invalid topic name in PUBLISH (MQTT-3.3.2-2)");
     };
     Metrics::inc(&shard.metrics.messages_received);
+    shard.metrics.received_qos[p.qos as usize].add(1);
     let Some(sid) = conn.state.borrow().session else {
         return Flow::Continue;
     };

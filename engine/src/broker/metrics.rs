@@ -24,6 +24,11 @@ impl Counter {
     }
 }
 
+/// Upper bounds (microseconds) of the log sync histogram's buckets.
+pub const SYNC_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
 /// Counters only go up; gauges go up and down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -34,7 +39,18 @@ pub enum Kind {
 macro_rules! metrics {
     ($($kind:ident $name:ident: $doc:literal),* $(,)?) => {
         #[derive(Debug, Default)]
-        pub struct Metrics { $(#[doc = $doc] pub $name: Counter,)* }
+        pub struct Metrics {
+            $(#[doc = $doc] pub $name: Counter,)*
+            /// PUBLISH received from clients, by QoS.
+            pub received_qos: [Counter; 3],
+            /// PUBLISH sent to clients, by QoS.
+            pub sent_qos: [Counter; 3],
+            /// Write-ahead log syncs (the O_DSYNC write with fsync = always,
+            /// fdatasync with interval), by duration: `SYNC_BUCKETS_US`.
+            pub sync_buckets: [Counter; SYNC_BUCKETS_US.len()],
+            pub sync_count: Counter,
+            pub sync_sum_us: Counter,
+        }
         impl Metrics {
             /// (name, value) of every metric.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
@@ -69,6 +85,9 @@ metrics! {
     gauge retained: "Retained messages (every shard holds them all).",
     gauge queued: "QoS 1/2 messages queued or in flight for this shard's sessions (refreshed every sys_interval).",
     counter packets_received: "MQTT packets received from clients.",
+    counter mesh_batches: "Batches sent to other shards over the mesh.",
+    counter mesh_messages: "Messages (publishes, routes, barriers, handoffs...) sent to other shards over the mesh.",
+    counter mesh_full: "Times a batch could not be sent because the queue to another shard was full (the sender holds back and retries).",
     counter packets_sent: "MQTT packets queued to clients.",
     counter bytes_received: "Bytes read from client sockets (before TLS and WebSocket decoding).",
     counter bytes_sent: "Bytes written to client sockets.",
@@ -130,6 +149,15 @@ impl Metrics {
                 .add(l[Local::PacketsSent as usize].replace(0));
             self.bytes_sent.add(l[Local::BytesSent as usize].replace(0));
         });
+    }
+
+    /// One log sync that took `us` microseconds.
+    pub fn observe_sync(&self, us: u64) {
+        if let Some(i) = SYNC_BUCKETS_US.iter().position(|b| us <= *b) {
+            self.sync_buckets[i].add(1);
+        }
+        self.sync_count.add(1);
+        self.sync_sum_us.add(us);
     }
 
     pub fn inc(c: &Counter) {

@@ -753,6 +753,7 @@ impl Shard {
             }
         }
         let log = if logged { st.log.as_mut() } else { None };
+        let qos = d.qos as usize;
         let r = match &entry.conn {
             Some(conn) => {
                 if d.qos == QoS::AtMostOnce && conn.queued() >= self.cfg.max_queued_bytes {
@@ -770,7 +771,10 @@ impl Shard {
         };
         self.congestion(entry);
         match r {
-            Enqueued::Sent => Metrics::inc(&self.metrics.messages_sent),
+            Enqueued::Sent => {
+                Metrics::inc(&self.metrics.messages_sent);
+                self.metrics.sent_qos[qos].add(1);
+            }
             Enqueued::Queued => {}
             Enqueued::Dropped if entry.conn.is_some() || entry.session.persistent => {
                 Metrics::inc(&self.metrics.queue_dropped)

@@ -132,12 +132,35 @@ fn listen_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
+/// Fails if another process listens on `addr` already. The shards' sockets
+/// share their port with SO_REUSEPORT, which would also let a second
+/// broker (a stale process, a botched restart) take half the connections
+/// silently: a probe bound without SO_REUSEPORT finds it first.
+fn probe_free(addr: SocketAddr) -> Result<(), String> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let _ = s.set_reuse_address(true);
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(true);
+    }
+    s.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("cannot listen on {addr}: another process listens there (is another broker running?)")
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        }
+    })
+}
+
 pub fn bind_all(addrs: &[SocketAddr], shards: usize) -> Result<Bound, String> {
     let mut out = Bound {
         addrs: Vec::new(),
         fds: Vec::new(),
     };
     for &addr in addrs {
+        if addr.port() != 0 {
+            probe_free(addr)?;
+        }
         let first = listen_socket(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let actual = first
             .local_addr()

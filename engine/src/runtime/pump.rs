@@ -3,6 +3,7 @@
 //! `$SYS` statistics).
 
 use super::{conn, Rt};
+use crate::broker::metrics::Metrics;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -56,9 +57,14 @@ pub async fn mesh_pump(rt: Rc<Rt>) {
                     // The next batch starts with room for as many again.
                     let cap = st.outbox[to].len();
                     let batch = std::mem::replace(&mut st.outbox[to], Vec::with_capacity(cap));
+                    let m = &rt.shard.metrics;
                     if let Err(batch) = rt.mesh.try_send(to, batch) {
                         st.outbox[to] = batch;
                         full = true;
+                        Metrics::inc(&m.mesh_full);
+                    } else {
+                        Metrics::inc(&m.mesh_batches);
+                        m.mesh_messages.add(cap as u64);
                     }
                 }
             }

@@ -70,7 +70,16 @@ async fn syncer(rt: Rc<Rt>, synced: Rc<Synced>, every: Duration) {
         if synced.dirty.replace(false) {
             let file = synced.file.borrow().clone();
             if let Some(Err(e)) = match file {
-                Some(f) => Some(f.fdatasync().await),
+                Some(f) => {
+                    let t = Instant::now();
+                    let r = f.fdatasync().await;
+                    if r.is_ok() {
+                        rt.shard
+                            .metrics
+                            .observe_sync(t.elapsed().as_micros() as u64);
+                    }
+                    Some(r)
+                }
                 None => None,
             } {
                 synced.dirty.set(true);
@@ -287,7 +296,11 @@ pub async fn committer(rt: Rc<Rt>, tail: Tail, cfg: StoreConfig) {
             return;
         };
         // With O_DSYNC (fsync = always) the write itself is the sync.
+        let t = Instant::now();
         let r = seg.append(&bytes).await;
+        if dsync && r.is_ok() {
+            shard.metrics.observe_sync(t.elapsed().as_micros() as u64);
+        }
         match r {
             Ok(()) => {
                 synced.dirty.set(!dsync);
