@@ -256,26 +256,34 @@ pub fn run(cfg: Config) -> Result<(), String> {
 }
 
 /// Refreshes the resident size `$SYS/broker/heap/*` reports, once a second,
-/// on a thread of its own (reading /proc is file I/O: never on a shard).
+/// and the open descriptors every 5 s, on a thread of its own (reading
+/// /proc is file I/O: never on a shard).
 fn memory_watch() {
-    use crate::broker::sys::{RSS_BYTES, RSS_MAX};
+    use crate::broker::sys::{OPEN_FDS, RSS_BYTES, RSS_MAX};
     use std::sync::atomic::Ordering::Relaxed;
     // SAFETY: sysconf with a constant name.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
     let spawned = std::thread::Builder::new()
         .name("tarta-memory".into())
-        .spawn(move || loop {
-            if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
-                if let Some(rss) = s
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-                {
-                    RSS_BYTES.store(rss * page, Relaxed);
-                    RSS_MAX.fetch_max(rss * page, Relaxed);
+        .spawn(move || {
+            for round in 0u64.. {
+                if round % 5 == 0 {
+                    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+                        OPEN_FDS.store(dir.count() as u64, Relaxed);
+                    }
                 }
+                if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
+                    if let Some(rss) = s
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        RSS_BYTES.store(rss * page, Relaxed);
+                        RSS_MAX.fetch_max(rss * page, Relaxed);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
             }
-            std::thread::sleep(std::time::Duration::from_secs(1));
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the memory watcher: {e}");
