@@ -6,7 +6,9 @@
 // that requires them. A screenshot is written for a human to look at.
 //
 //   node tests/interop/dashboard_chromium.mjs --ws WSPORT --tcp TCPPORT \
-//        --auth-ws AUTHWSPORT --user USER --pass PASS --shot FILE.png
+//        --auth-ws AUTHWSPORT --user USER --pass PASS --shot FILE.png [CHECK ...]
+//
+// --ws may be a reverse proxy's port (nginx-example.conf proxies / and /mqtt).
 //
 // The broker must publish $SYS every second (--sys-interval 1).
 
@@ -105,7 +107,7 @@ await main(
     (args) => {
         WS = requirePort(args, 'ws');
         TCP = requirePort(args, 'tcp');
-        AUTH_WS = requirePort(args, 'auth-ws');
+        AUTH_WS = args['auth-ws'] ? requirePort(args, 'auth-ws') : 0;
         USER = args.user;
         PASS = args.pass;
         SHOT = args.shot;

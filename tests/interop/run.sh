@@ -1556,6 +1556,10 @@ run_check "broker exits with status 0 within 5 s of SIGTERM" check_shutdown TART
 WHY=
 if setup_nginx; then
     node_suite nginx $((CLIENT_TIMEOUT * 2)) ws_nginx.mjs --proxy "$NGINX_PORT" --tcp "$TCP2" --log "$WORK/proxied.err"
+    if [[ -x ${CHROMIUM:-/usr/bin/chromium} ]]; then
+        node_suite dashboard-nginx $((CLIENT_TIMEOUT * 2)) dashboard_chromium.mjs --ws "$NGINX_PORT" --tcp "$TCP2" \
+            dashboard-live-connection-count-and-topic-explorer
+    fi
     run_check "nginx stops on SIGTERM" check_nginx_stop
     run_check "nginx access log shows the proxied WebSocket upgrades (101)" check_nginx_upgrades
 else
