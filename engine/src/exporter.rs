@@ -98,6 +98,24 @@ fn families(s: &Sources) -> Vec<MetricFamily> {
         }
         out.push(family(&format!("tarta_{name}"), help, *kind, ms));
     }
+    // Closes by reason.
+    let mut ms = Vec::new();
+    for (shard, m) in s.shards.iter().enumerate() {
+        let shard = shard.to_string();
+        for (i, reason) in crate::broker::conn::CLOSE_LABELS.iter().enumerate() {
+            ms.push(metric(
+                Kind::Counter,
+                m.closed[i].get() as f64,
+                &[("shard", &shard), ("reason", reason)],
+            ));
+        }
+    }
+    out.push(family(
+        "tarta_connections_closed",
+        "Connections closed, by reason (client_disconnect, peer_gone, bad_input, keepalive, taken_over, refused, limit, transport, http, administrative, storage, shutdown).",
+        Kind::Counter,
+        ms,
+    ));
     // By QoS.
     for (name, help, pick) in [
         (
@@ -324,6 +342,10 @@ mod tests {
         );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
         assert!(text.contains("process_open_fds "), "{text}");
+        assert!(
+            text.contains("tarta_connections_closed_total{shard=\"0\",reason=\"peer_gone\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("tarta_log_sync_seconds_bucket{shard=\"0\",le=\"0.0001\"} 0"),
             "{text}"

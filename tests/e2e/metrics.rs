@@ -211,6 +211,10 @@ fn prometheus_scrapes_what_the_test_does_and_sys_agrees() {
     prom.wait_for(tcp, 7.0);
     clients.truncate(4);
     prom.wait_for(tcp, 4.0);
+    prom.wait_for(
+        "sum(tarta_connections_closed_total{reason=\"peer_gone\"})",
+        3.0,
+    );
     // Ten PUBLISH: counted by Prometheus and by $SYS.
     for i in 0..10u16 {
         clients[0].send(&Packet::Publish(mqtt::Publish {

@@ -68,6 +68,22 @@ pub enum CloseReason {
     StorageFailed,
 }
 
+/// `reason` label values of `tarta_connections_closed_total`.
+pub const CLOSE_LABELS: [&str; 12] = [
+    "client_disconnect",
+    "peer_gone",
+    "bad_input",
+    "keepalive",
+    "taken_over",
+    "refused",
+    "limit",
+    "transport",
+    "http",
+    "administrative",
+    "storage",
+    "shutdown",
+];
+
 impl CloseReason {
     /// The 5.0 DISCONNECT reason code the server sends, if any.
     pub fn disconnect_code(&self) -> Option<u8> {
@@ -106,6 +122,30 @@ impl CloseReason {
             CloseReason::Administrative => "disconnected by an administrator".into(),
             CloseReason::Ws { what, .. } => (*what).into(),
             other => format!("{other:?}"),
+        }
+    }
+
+    /// The label of this reason in `tarta_connections_closed_total`
+    /// (index into `CLOSE_LABELS`).
+    pub fn label(&self) -> usize {
+        match self {
+            CloseReason::ClientDisconnect | CloseReason::ClientDisconnectWithWill => 0,
+            CloseReason::PeerGone | CloseReason::WsClosed => 1,
+            CloseReason::Malformed(_)
+            | CloseReason::Protocol(_)
+            | CloseReason::PacketTooLarge(_)
+            | CloseReason::TopicAliasInvalid
+            | CloseReason::ReceiveMaximumExceeded
+            | CloseReason::Ws { .. } => 2,
+            CloseReason::KeepAliveTimeout | CloseReason::ConnectTimeout => 3,
+            CloseReason::TakenOver => 4,
+            CloseReason::NotAuthorized | CloseReason::Refused | CloseReason::AuthRefused => 5,
+            CloseReason::LimitReached(_) => 6,
+            CloseReason::Transport(_) => 7,
+            CloseReason::Http { .. } => 8,
+            CloseReason::Administrative => 9,
+            CloseReason::StorageFailed => 10,
+            CloseReason::Shutdown | CloseReason::HandedOff => 11,
         }
     }
 

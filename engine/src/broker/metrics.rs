@@ -41,6 +41,8 @@ macro_rules! metrics {
         #[derive(Debug, Default)]
         pub struct Metrics {
             $(#[doc = $doc] pub $name: Counter,)*
+            /// Connections closed, by `CloseReason::label`.
+            pub closed: [Counter; 12],
             /// PUBLISH received from clients, by QoS.
             pub received_qos: [Counter; 3],
             /// PUBLISH sent to clients, by QoS.

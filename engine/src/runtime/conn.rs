@@ -900,6 +900,7 @@ async fn close(rt: Rc<Rt>, mut io: Io, conn: Rc<Conn>, why: CloseReason) {
     } else {
         debug!(shard = rt.shard.id, peer = %conn.peer(), client_id = %client_id, reason = ?why, "closing connection");
     }
+    rt.shard.metrics.closed[why.label()].add(1);
     client::server_disconnect(&conn, &why);
     client::on_closed(&rt.shard, &conn, &why);
     if matches!(why, CloseReason::AuthRefused) {
