@@ -420,12 +420,19 @@ X-Forwarded-Proto: https\r\n\r\n\x10\x0c";
     let health =
         "GET /health HTTP/1.1\r\nHost: broker\r\nUser-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";
     let post = "POST /mqtt HTTP/1.1\r\nHost: broker\r\nContent-Length: 0\r\n\r\n";
+    let metrics = "GET /metrics HTTP/1.1\r\nHost: broker:9001\r\nUser-Agent: Prometheus/2.53.0\r\n\
+Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\
+Accept-Encoding: gzip\r\nX-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n";
+    let admin = "POST /api/clients/sensor-42/disconnect?reason=maintenance HTTP/1.1\r\n\
+Host: broker\r\nAuthorization: Bearer 0123456789abcdef\r\nContent-Length: 0\r\n\r\n";
     for (name, cut, req) in [
         ("chrome_upgrade", 255u8, chrome),
         ("firefox_upgrade", 200, firefox),
         ("proxied_upgrade_then_mqtt", 255, proxied),
         ("health", 128, health),
         ("post", 255, post),
+        ("metrics", 255, metrics),
+        ("admin_api", 100, admin),
     ] {
         let mut seed = vec![cut];
         seed.extend(req.as_bytes());

@@ -7,6 +7,9 @@
 //! - an upgrade consumes at most what was received, and its response is a
 //!   101 with the RFC 6455 accept key;
 //! - a rejection is a complete HTTP response with the status it reports;
+//! - a plain HTTP request (another path) consumes at most what was received,
+//!   is never for the WebSocket path, and its path and query are the
+//!   request target split at its first `?`;
 //! - the answer is stable as bytes arrive: if a prefix (cut where the input
 //!   says) already gets an answer other than `NeedMore`, the whole input gets
 //!   the same one (except that an incomplete prefix of `max_request` bytes
@@ -40,6 +43,31 @@ fn check(buf: &[u8], cfg: &HandshakeConfig) -> Handshake {
                 assert!(cfg.trusted_proxies.contains(&PEER));
                 assert!(!cfg.trusted_proxies.contains(ip));
             }
+        }
+        Handshake::Http(r) => {
+            assert!(
+                r.consumed <= buf.len() && r.consumed > 0,
+                "consumed {}",
+                r.consumed
+            );
+            assert_ne!(
+                r.path, cfg.path,
+                "the WebSocket path handed over as plain HTTP"
+            );
+            assert!(!r.path.contains('?'), "query left in the path {:?}", r.path);
+            let target = if r.query.is_empty() {
+                r.path.clone()
+            } else {
+                format!("{}?{}", r.path, r.query)
+            };
+            let received = target.is_empty()
+                || buf[..r.consumed]
+                    .windows(target.len())
+                    .any(|w| w == target.as_bytes());
+            assert!(
+                received,
+                "request target {target:?} is not what was received"
+            );
         }
         Handshake::Respond {
             status, response, ..
