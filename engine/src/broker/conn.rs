@@ -662,14 +662,18 @@ impl Outbox for ConnOutbox<'_> {
             }
         }
         let mut topic: &[u8] = d.msg.topic.as_bytes();
+        // A new alias is registered only once its packet is really queued.
+        let mut new_alias = None;
         if v5 {
             for id in &d.sub_ids {
                 properties.push(mqtt::Property::SubscriptionIdentifier(*id));
             }
-            if let Some(alias) = self.alias_for(&d.msg.topic) {
-                properties.push(mqtt::Property::TopicAlias(alias.0));
-                if alias.1 {
+            if let Some((alias, known)) = self.alias_for(&d.msg.topic) {
+                properties.push(mqtt::Property::TopicAlias(alias));
+                if known {
                     topic = &[];
+                } else {
+                    new_alias = Some(alias);
                 }
             }
         }
@@ -687,9 +691,13 @@ impl Outbox for ConnOutbox<'_> {
             && h.packet_len(self.protocol) > self.max_packet_out as usize
             && !dup
         {
-            // MQTT-3.1.2-25: discard, as if it had been sent.
+            // MQTT-3.1.2-25: discard, as if it had been sent (and its
+            // alias, never sent, stays unassigned).
             self.discarded += 1;
             return false;
+        }
+        if let Some(alias) = new_alias {
+            self.register_alias(&d.msg.topic, alias);
         }
         self.conn
             .out
@@ -733,23 +741,30 @@ impl Outbox for ConnOutbox<'_> {
 
 impl ConnOutbox<'_> {
     /// The outgoing topic alias for `topic`: (alias, already known to the
-    /// client). Assigns new aliases until the client's maximum is reached.
+    /// client), or the next free alias (false) while the client's maximum is
+    /// not reached; a new one counts only once `register_alias` records it.
     fn alias_for(&self, topic: &ByteStr) -> Option<(u16, bool)> {
-        let mut st = self.conn.state.borrow_mut();
+        let st = self.conn.state.borrow();
         let max = st.alias_max_out;
         if max == 0 {
             return None;
         }
-        let aliases = st.aliases.get_or_insert_with(Default::default);
-        if let Some(a) = aliases.outbound.get(topic) {
+        let known = st.aliases.as_ref().map(|a| &a.outbound);
+        if let Some(a) = known.and_then(|o| o.get(topic)) {
             return Some((*a, true));
         }
-        let next = aliases.outbound.len() + 1;
+        let next = known.map_or(0, |o| o.len()) + 1;
         if next > usize::from(max) {
             return None;
         }
-        aliases.outbound.insert(topic.clone(), next as u16);
         Some((next as u16, false))
+    }
+
+    /// Records that the client learned `alias` for `topic` (its packet is queued).
+    fn register_alias(&self, topic: &ByteStr, alias: u16) {
+        let mut st = self.conn.state.borrow_mut();
+        let aliases = st.aliases.get_or_insert_with(Default::default);
+        aliases.outbound.insert(topic.clone(), alias);
     }
 }
 
@@ -791,5 +806,67 @@ mod tests {
         assert_eq!(rest, all[5..]);
         q.advance(rest.len());
         assert!(q.is_empty());
+    }
+
+    /// A delivery too large for the client is discarded without teaching
+    /// it an alias: the next message on that topic carries the topic with
+    /// the alias, never an empty topic with an alias it never learned.
+    #[test]
+    fn an_alias_is_assigned_only_with_a_packet_that_goes_out() {
+        use crate::session::{Delivery, Message, Outbox};
+        use std::sync::Arc;
+        let conn = Conn::new("127.0.0.1:1".parse().unwrap(), 0);
+        {
+            let mut st = conn.state.borrow_mut();
+            st.protocol = Protocol::V5;
+            st.max_packet_out = 64;
+            st.alias_max_out = 4;
+        }
+        let delivery = |payload: &'static [u8]| Delivery {
+            msg: Arc::new(Message {
+                topic: "sensors/t".into(),
+                payload: Bytes::from_static(payload),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: Default::default(),
+                origin: None,
+                expires_at: None,
+                uid: 0,
+            }),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            sub_ids: Vec::new(),
+            share: None,
+        };
+        let mut out = ConnOutbox::new(&conn, 0);
+        assert!(
+            !out.publish(&delivery(&[b'x'; 100]), 0, false),
+            "too large: discarded"
+        );
+        assert!(conn.out.borrow().is_empty());
+        assert!(out.publish(&delivery(b"small"), 0, false));
+        assert!(out.publish(&delivery(b"again"), 0, false));
+        let mut bytes = BytesMut::new();
+        let mut iov = [IoSlice::new(&[]); 8];
+        let q = conn.out.borrow();
+        let n = q.iovecs(&mut iov);
+        for s in &iov[..n] {
+            bytes.extend_from_slice(s);
+        }
+        let first = mqtt::decode(&mut bytes, Protocol::V5, u32::MAX).unwrap();
+        let second = mqtt::decode(&mut bytes, Protocol::V5, u32::MAX).unwrap();
+        match (first, second) {
+            (Some(Packet::Publish(a)), Some(Packet::Publish(b))) => {
+                assert_eq!(
+                    a.topic.as_str(),
+                    "sensors/t",
+                    "the first sent carries the topic"
+                );
+                assert_eq!(a.properties.topic_alias(), Some(1));
+                assert_eq!(b.topic.as_str(), "", "then the alias alone");
+                assert_eq!(b.properties.topic_alias(), Some(1));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
