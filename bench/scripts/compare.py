@@ -202,6 +202,18 @@ def scenarios(quick):
         ("1 MiB message, QoS 1, WebSocket: delivery time", "pairs", ["-n", "1", "--rate", "1", "--qos", "1", "--payload", "1048576", "--duration", "3", "--warmup", "0", "--drain-timeout", "90", "--ack-timeout", "90"],
          ["latency_us.p50"], ["tarta"], False, "ws"),
     ]
+    # Ordinary load (issue: efficient at every load): broker CPU per
+    # message and latency at 1,000 and 10,000 msgs/s in total.
+    for pairs, rate in [("10", "100"), ("100", "10"), ("10", "1000"), ("100", "100")]:
+        total = int(pairs) * int(rate)
+        for qos in ["0", "1"]:
+            s.append((f"light load: {pairs} pairs x {rate}/s = {total:,} msgs/s (QoS {qos})", "pairs",
+                      base + ["-n", pairs, "--rate", rate, "--qos", qos],
+                      ["broker_cpu_us_per_msg", "latency_us.p50", "latency_us.p99"], None, False, "tcp"))
+    # A fleet reconnecting at once after a network blip.
+    s.append(("connect storm (19,000 at once, 2 loadgen processes)", "conn",
+              ["-n", "19000", "--procs", "2", "--duration", "1", "--connect-rate", "1000000"],
+              ["connect_rate_per_s", "connections_per_broker_cpu_s"], None, True, "tcp"))
     conns = ["10000"] if quick else ["10000", "19000"]
     for n in conns:
         procs = "2" if int(n) > 15000 else "1"
@@ -232,6 +244,10 @@ def scenarios(quick):
 
 
 def pick(res, key):
+    if key == "broker_cpu_us_per_msg":
+        # Broker CPU microseconds per delivered message.
+        v = pick(res, "msgs_per_broker_cpu_s")
+        return 1e6 / v if v else None
     cur = res
     for k in key.split("."):
         if not isinstance(cur, dict) or k not in cur:
