@@ -71,7 +71,14 @@ pub fn serve(rt: &Rt, listener: u16, req: &HttpRequest) -> Reply {
             Reply::Now(200, dashboard(&ep.cfg.ws.path))
         }
         p if p.starts_with("/api/") && ep.cfg.metrics => admin(rt, req),
-        _ => text(404, "no such path\n"),
+        _ => {
+            if ep.cfg.protocol == crate::config::ListenProtocol::Ws {
+                // On a WebSocket port, a request for another path is a
+                // refused handshake as far as the counters go.
+                Metrics::inc(&rt.shard.metrics.ws_rejected);
+            }
+            text(404, "no such path\n")
+        }
     }
 }
 

@@ -135,21 +135,23 @@ fn listen_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 /// Fails if another process listens on `addr` already. The shards' sockets
 /// share their port with SO_REUSEPORT, which would also let a second
 /// broker (a stale process, a botched restart) take half the connections
-/// silently: a probe bound without SO_REUSEPORT finds it first.
+/// silently. A connection attempt tells: only a listening socket accepts
+/// one (a bind probe would also trip over closing connections that still
+/// hold the port, after a crash).
 fn probe_free(addr: SocketAddr) -> Result<(), String> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let _ = s.set_reuse_address(true);
-    if addr.is_ipv6() {
-        let _ = s.set_only_v6(true);
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
     }
-    s.bind(&addr.into()).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!("cannot listen on {addr}: another process listens there (is another broker running?)")
-        } else {
-            format!("cannot listen on {addr}: {e}")
-        }
-    })
+    match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+        Ok(_) => Err(format!(
+            "cannot listen on {addr}: another process listens there (is another broker running?)"
+        )),
+        Err(_) => Ok(()),
+    }
 }
 
 pub fn bind_all(addrs: &[SocketAddr], shards: usize) -> Result<Bound, String> {
