@@ -3,7 +3,7 @@
 use crate::errors::write_config;
 use crate::harness::{connect_packet, id_on, Broker, Raw};
 use std::time::Duration;
-use tarta_proto::mqtt::{Packet, Protocol, Publish, QoS, SubOptions, Subscribe};
+use tarta_proto::mqtt::{Packet, Protocol, Publish, QoS};
 
 const ACL: &str = "\
 # anonymous clients
@@ -16,21 +16,7 @@ topic deny secret/hidden
 ";
 
 fn sub(r: &mut Raw, filter: &str) -> u8 {
-    r.send(&Packet::Subscribe(Subscribe {
-        packet_id: 3,
-        filters: vec![(
-            filter.into(),
-            SubOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        )],
-        properties: Default::default(),
-    }));
-    match r.recv() {
-        Some(Packet::SubAck(a)) => a.codes[0],
-        other => panic!("{other:?}"),
-    }
+    r.subscribe_code(3, filter, QoS::AtLeastOnce)
 }
 
 fn publ(r: &mut Raw, topic: &str) -> Option<u8> {

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tarta_proto::mqtt::{self, Connect, Packet, Protocol, QoS, SubOptions, Subscribe};
+use tarta_proto::mqtt::{self, Connect, Packet, Protocol, QoS};
 
 /// What a refused login waits before its CONNACK in these tests.
 const DELAY_MS: u64 = 250;
@@ -148,21 +148,7 @@ fn credentials_are_checked_over_tcp_ws_and_tls_in_311_and_5() {
 }
 
 fn subscribe(r: &mut Raw, pid: u16, filter: &str) -> u8 {
-    r.send(&Packet::Subscribe(Subscribe {
-        packet_id: pid,
-        filters: vec![(
-            filter.into(),
-            SubOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
-        )],
-        properties: Default::default(),
-    }));
-    match r.recv() {
-        Some(Packet::SubAck(a)) => a.codes[0],
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
+    r.subscribe_code(pid, filter, QoS::AtLeastOnce)
 }
 
 const ACL: &str = "\

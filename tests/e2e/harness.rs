@@ -371,6 +371,55 @@ impl Raw {
     }
 }
 
+impl Raw {
+    /// SUBSCRIBE to one filter; the SUBACK's return code.
+    pub fn subscribe_code(&mut self, packet_id: u16, filter: &str, qos: mqtt::QoS) -> u8 {
+        self.send(&Packet::Subscribe(mqtt::Subscribe {
+            packet_id,
+            filters: vec![(
+                filter.into(),
+                mqtt::SubOptions {
+                    qos,
+                    ..Default::default()
+                },
+            )],
+            properties: Properties::default(),
+        }));
+        match self.recv() {
+            Some(Packet::SubAck(a)) => a.codes[0],
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+}
+
+/// `METHOD path` over HTTP/1.1 to 127.0.0.1:`port`, with an optional
+/// bearer token: (status, body).
+pub fn http(port: u16, method: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Whether the server sent a DISCONNECT with `reason` among `got`.
 pub fn has_disconnect(got: &[Packet], reason: u8) -> bool {
     got.iter()

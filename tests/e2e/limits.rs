@@ -258,15 +258,7 @@ fn publish(r: &mut Raw, topic: &str, qos: QoS, pid: u16, payload: &[u8]) {
 }
 
 fn suback(r: &mut Raw, pid: u16, filter: &str) -> u8 {
-    r.send(&Packet::Subscribe(Subscribe {
-        packet_id: pid,
-        filters: vec![(filter.into(), SubOptions::default())],
-        properties: Default::default(),
-    }));
-    match r.recv() {
-        Some(Packet::SubAck(a)) => a.codes[0],
-        other => panic!("expected SUBACK, got {other:?}"),
-    }
+    r.subscribe_code(pid, filter, QoS::AtMostOnce)
 }
 
 #[test]
