@@ -136,8 +136,9 @@ fn listen_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 /// share their port with SO_REUSEPORT, which would also let a second
 /// broker (a stale process, a botched restart) take half the connections
 /// silently. A connection attempt tells: only a listening socket accepts
-/// one (a bind probe would also trip over closing connections that still
-/// hold the port, after a crash).
+/// one. A process that just died can leave its listener open for a moment
+/// (io_uring tears its ring down, and the sockets it polled, after the
+/// process is gone), so a listener must still be there after 3 s.
 fn probe_free(addr: SocketAddr) -> Result<(), String> {
     let mut target = addr;
     if target.ip().is_unspecified() {
@@ -146,11 +147,22 @@ fn probe_free(addr: SocketAddr) -> Result<(), String> {
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
-        Ok(_) => Err(format!(
-            "cannot listen on {addr}: another process listens there (is another broker running?)"
-        )),
-        Err(_) => Ok(()),
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+            // A port in the ephemeral range with nothing listening can
+            // connect to itself (TCP simultaneous open): a free port.
+            Ok(s) if s.local_addr().ok() == Some(target) => return Ok(()),
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "cannot listen on {addr}: another process listens there (is another broker running?)"
+                ))
+            }
+            Err(_) => return Ok(()),
+        }
     }
 }
 
