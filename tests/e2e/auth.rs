@@ -351,3 +351,49 @@ fn a_client_certificate_authenticates_on_its_listener() {
     let c = login(Protocol::V311, "d7c", Some("device-7"), Some("x"));
     assert_eq!(Raw::connect(b.port, c).1.code, 4);
 }
+
+#[test]
+fn listeners_override_the_password_file_and_anonymous_access() {
+    let d = users("auth-per-listener");
+    let other = d.0.join("other.pw");
+    tarta_passwd(&["-c", "-b", other.to_str().unwrap(), "carol", "pw3"]);
+    // The start() listeners use the global file (alice, bob; anonymous
+    // refused); a third allows anonymous clients; a fourth has its own file.
+    let extra = format!(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\n\n\
+         [[listener]]\nbind = \"127.0.0.1:0\"\npassword_file = {other:?}\n"
+    );
+    let b = start(&d.0, "", &extra);
+    let tcp: Vec<u16> = b
+        .listeners
+        .iter()
+        .filter(|(k, _)| k == "tcp")
+        .map(|l| l.1)
+        .collect();
+    let (global, open, own) = (tcp[0], tcp[1], tcp[2]);
+    let v = Protocol::V311;
+    let code = |port, user: Option<&str>, pass: Option<&str>| {
+        Raw::connect(port, login(v, &format!("c{}", rand_u64()), user, pass))
+            .1
+            .code
+    };
+    assert_eq!(code(global, None, None), 5);
+    assert_eq!(code(global, Some("alice"), Some("secret")), 0);
+    assert_eq!(
+        code(open, None, None),
+        0,
+        "anonymous allowed on this listener"
+    );
+    assert_eq!(
+        code(open, Some("alice"), Some("wrong")),
+        4,
+        "still checked when given"
+    );
+    assert_eq!(code(own, Some("carol"), Some("pw3")), 0, "its own file");
+    assert_eq!(
+        code(own, Some("alice"), Some("secret")),
+        4,
+        "not the global file"
+    );
+    assert_eq!(code(own, None, None), 5);
+}
