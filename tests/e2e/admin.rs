@@ -114,6 +114,30 @@ fn list_inspect_disconnect_and_retained_pages() {
         (Some(1), Some("ws"), Some(true))
     );
 
+    // Pages: one client at a time, in id order.
+    let (mut ids, mut after) = (Vec::new(), String::new());
+    loop {
+        let (st, page) = call(
+            ws,
+            "GET",
+            &format!("/api/clients?limit=1&after={after}"),
+            Some(TOKEN),
+        );
+        assert_eq!(st, 200, "{page}");
+        let got = page["clients"].as_array().unwrap();
+        assert!(got.len() <= 1);
+        if let Some(c) = got.first() {
+            ids.push(c["client_id"].as_str().unwrap().to_string());
+        }
+        match page["next_after"].as_str() {
+            Some(n) => after = n.to_string(),
+            None => break,
+        }
+    }
+    let mut want = vec![a_id.clone(), b_id.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+
     // One client, with its subscriptions (asked of its home shard, from
     // whichever shard took the HTTP request).
     let (st, c) = call(ws, "GET", &format!("/api/clients/{a_id}"), Some(TOKEN));

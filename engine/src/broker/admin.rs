@@ -13,8 +13,9 @@ use std::task::Waker;
 /// A question for one shard.
 #[derive(Debug, Clone)]
 pub enum AdminQuery {
-    /// Every session homed on the shard.
-    Clients,
+    /// The shard's sessions with client ids after `after`, the first
+    /// `limit` in order (a page).
+    Clients { after: String, limit: usize },
     /// One client (asked of its home shard).
     Client(String),
     /// Close one client's connection (5.0: DISCONNECT 0x98).
@@ -120,12 +121,29 @@ impl Shard {
 
     fn answer(&self, st: &State, q: &AdminQuery) -> AdminReply {
         match q {
-            AdminQuery::Clients => AdminReply::Clients(
-                st.sessions
-                    .iter()
-                    .filter_map(|(sid, _)| self.client_info(st, sid, false))
-                    .collect(),
-            ),
+            AdminQuery::Clients { after, limit } => {
+                // The `limit` smallest ids after `after`: a bounded heap,
+                // so a page costs one walk and `limit` entries.
+                let mut heap: BinaryHeap<(&str, usize)> = BinaryHeap::new();
+                for (sid, e) in st.sessions.iter() {
+                    let id = &*e.session.client_id;
+                    if id <= after.as_str() {
+                        continue;
+                    }
+                    if heap.len() < *limit {
+                        heap.push((id, sid));
+                    } else if heap.peek().is_some_and(|(top, _)| id < *top) {
+                        heap.pop();
+                        heap.push((id, sid));
+                    }
+                }
+                AdminReply::Clients(
+                    heap.into_sorted_vec()
+                        .into_iter()
+                        .filter_map(|(_, sid)| self.client_info(st, sid, false))
+                        .collect(),
+                )
+            }
             AdminQuery::Client(id) => {
                 let sid = st
                     .clients

@@ -164,7 +164,14 @@ fn admin(rt: &Rt, req: &HttpRequest) -> Reply {
     let method = req.method.as_str();
     let all: Vec<usize> = (0..rt.shard.n).collect();
     let (q, shards) = match (method, parts.as_slice()) {
-        ("GET", ["clients"]) => (AdminQuery::Clients, all),
+        ("GET", ["clients"]) => {
+            let limit = query_param(&req.query, "limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(1000usize)
+                .clamp(1, 10_000);
+            let after = query_param(&req.query, "after").unwrap_or_default();
+            (AdminQuery::Clients { after, limit }, all)
+        }
         ("GET", ["clients", id]) => {
             let id = decode(id);
             let home = rt.shard.home_of(&id);
@@ -261,7 +268,9 @@ fn render(q: AdminQuery, replies: Vec<AdminReply>, names: &[&'static str]) -> (u
         v
     };
     match &q {
-        AdminQuery::Clients => {
+        AdminQuery::Clients { limit, .. } => {
+            // Each shard sent its first `limit`: the page is the first
+            // `limit` of them all.
             let mut all: Vec<&ClientInfo> = replies
                 .iter()
                 .flat_map(|r| match r {
@@ -270,8 +279,16 @@ fn render(q: AdminQuery, replies: Vec<AdminReply>, names: &[&'static str]) -> (u
                 })
                 .collect();
             all.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+            let more = all.len() > *limit;
+            all.truncate(*limit);
+            let next = more
+                .then(|| all.last().map(|c| c.client_id.clone()))
+                .flatten();
             let list: Vec<_> = all.iter().map(|c| client(c)).collect();
-            json_reply(200, &json!({"count": list.len(), "clients": list}))
+            json_reply(
+                200,
+                &json!({"count": list.len(), "clients": list, "next_after": next}),
+            )
         }
         AdminQuery::Client(id) => match replies.iter().find_map(|r| match r {
             AdminReply::Client(Some(c)) => Some(c),
