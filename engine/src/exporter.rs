@@ -220,13 +220,9 @@ fn process(out: &mut Vec<MetricFamily>) {
             libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
         )
     };
+    // `family` gives counters their `_total` (process_cpu_seconds_total).
     let one = |name: &str, help: &str, kind: Kind, v: f64| {
-        // process_cpu_seconds_total: the family name carries the suffix.
-        let mut f = family(name, help, kind, vec![metric(kind, v, &[])]);
-        if kind == Kind::Counter {
-            f.set_name(format!("{name}_total"));
-        }
-        f
+        family(name, help, kind, vec![metric(kind, v, &[])])
     };
     // utime and stime: fields 14 and 15 of stat (11 and 12 after the name).
     let cpu = (num(11) + num(12)) as f64 / ticks;
@@ -341,6 +337,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        assert!(text.contains("process_cpu_seconds_total "), "{text}");
         assert!(text.contains("process_open_fds "), "{text}");
         assert!(
             text.contains("tarta_connections_closed_total{shard=\"0\",reason=\"peer_gone\"} 0"),
