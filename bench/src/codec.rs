@@ -99,6 +99,7 @@ pub fn connect(protocol: Protocol) -> Connect {
         username: Some(ByteStr::from("device-1337")),
         password: Some(Bytes::from_static(b"s3cr3t-t0k3n-0123456789abcdef")),
         properties,
+        bridge: false,
     }
 }
 

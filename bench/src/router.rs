@@ -57,6 +57,7 @@ fn connected(shard: &Shard, i: usize, client_id: String) -> Result<Rc<Conn>, Str
         username: None,
         password: None,
         properties: Properties::default(),
+        bridge: false,
     };
     expect_continue(client::connect(shard, &conn, Box::new(c)), "CONNECT")?;
     Ok(conn)

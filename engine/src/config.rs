@@ -1,6 +1,8 @@
 //! Configuration: a TOML file (serde) overlaid by command-line flags (clap),
 //! parsed once into a typed, read-only [`Config`] that every shard shares.
 
+pub mod bridge;
+
 pub use crate::logging::LogFormat;
 use clap::Parser;
 use serde::Deserialize;
@@ -170,6 +172,7 @@ pub struct FileConfig {
     pub fsync: Option<FsyncPolicy>,
     pub fsync_interval_ms: Option<u64>,
     pub log_compact_bytes: Option<u64>,
+    pub bridge: Option<Vec<bridge::BridgeFile>>,
 }
 
 /// What a listener speaks above TCP (and TLS, if it has it).
@@ -307,6 +310,8 @@ pub struct Config {
     pub store: Option<StoreConfig>,
     /// Limits per process, per address and per client (0 = no limit).
     pub limits: Limits,
+    /// Links to other brokers (`[[bridge]]`).
+    pub bridges: Vec<bridge::Bridge>,
 }
 
 /// Limits that keep one client or one address from harming the others
@@ -533,6 +538,7 @@ impl Config {
             max_client_id_length: file.max_client_id_length.unwrap_or(d.max_client_id_length),
         };
         let cfg = Config {
+            bridges: bridge::parse(file.bridge.unwrap_or_default())?,
             limits,
             listeners,
             shards: cli.shards.or(file.shards).unwrap_or(cpus),

@@ -32,6 +32,9 @@ pub struct Message {
     /// A QoS 2 message accepted from a persistent session: its identity,
     /// so that routing it again after a crash delivers it once (0: none).
     pub uid: u64,
+    /// The broker second it was published (0: recovered from the log),
+    /// for the age of a bridge's oldest buffered message.
+    pub stamp: u32,
 }
 
 /// One message on its way to one session.
@@ -108,10 +111,17 @@ pub struct Session {
     next_pid: u16,
     /// QoS 1/2 messages in flight to the client at most.
     pub window: u16,
+    /// Topic and payload bytes of what is queued and in flight.
+    bytes: u64,
     /// Messages queued at most (beyond the window or while offline).
-    pub max_queued: usize,
+    max_queued: u32,
     /// Messages dropped because the queue was full.
     pub dropped: u32,
+}
+
+/// What a delivery weighs in a session's byte count.
+fn weight(d: &Delivery) -> u64 {
+    (d.msg.payload.len() + d.msg.topic.len()) as u64
 }
 
 impl Session {
@@ -126,9 +136,32 @@ impl Session {
             incoming_qos2: BTreeSet::new(),
             next_pid: 1,
             window: window.max(1),
-            max_queued,
+            bytes: 0,
+            max_queued: clamp(max_queued),
             dropped: 0,
         }
+    }
+
+    pub fn set_max_queued(&mut self, n: usize) {
+        self.max_queued = clamp(n);
+    }
+
+    /// Topic and payload bytes of what is queued and in flight.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Drops the oldest queued message (a bridge's buffer is full); the
+    /// caller journals it as discarded.
+    pub fn drop_oldest(&mut self) -> Option<Delivery> {
+        let d = self.pending.pop_front()?;
+        self.bytes -= weight(&d);
+        Some(d)
+    }
+
+    /// The oldest message queued or in flight.
+    pub fn oldest(&self) -> Option<&Delivery> {
+        self.inflight.front().map(|i| &i.d).or(self.pending.front())
     }
 
     pub fn inflight_len(&self) -> usize {
@@ -143,7 +176,7 @@ impl Session {
     /// rather than drop it: QoS 1/2 while the queue has room.
     pub fn accepts(&self, qos: QoS, online: bool) -> bool {
         qos != QoS::AtMostOnce
-            && (self.pending.len() < self.max_queued
+            && (self.pending.len() < self.max_queued as usize
                 || (online && self.pending.is_empty() && self.window_open()))
     }
 
@@ -166,10 +199,11 @@ impl Session {
                 }
             }
             (_, _) => {
-                if self.pending.len() >= self.max_queued {
+                if self.pending.len() >= self.max_queued as usize {
                     self.dropped = self.dropped.saturating_add(1);
                     Enqueued::Dropped
                 } else {
+                    self.bytes += weight(&d);
                     self.pending.push_back(d);
                     Enqueued::Queued
                 }
@@ -194,6 +228,7 @@ impl Session {
             pid,
             discarded: false,
         });
+        self.bytes += weight(&d);
         self.inflight.push_back(Inflight {
             pid,
             d,
@@ -219,6 +254,7 @@ impl Session {
             let Some(d) = self.pending.pop_front() else {
                 break;
             };
+            self.bytes -= weight(&d);
             self.send_new(d, out);
         }
     }
@@ -229,7 +265,7 @@ impl Session {
             .inflight
             .iter()
             .position(|i| i.pid == pid && i.d.qos == QoS::AtLeastOnce);
-        let found = pos.and_then(|p| self.inflight.remove(p)).is_some();
+        let found = pos.and_then(|p| self.remove_inflight(p)).is_some();
         if found {
             out.journal(Journal::Ack { pid });
             self.fill(out);
@@ -248,7 +284,7 @@ impl Session {
             return false;
         };
         if reason >= 0x80 {
-            self.inflight.remove(pos);
+            self.remove_inflight(pos);
             out.journal(Journal::Ack { pid });
             self.fill(out);
             return true;
@@ -269,7 +305,7 @@ impl Session {
             .inflight
             .iter()
             .position(|i| i.pid == pid && i.released);
-        let found = pos.and_then(|p| self.inflight.remove(p)).is_some();
+        let found = pos.and_then(|p| self.remove_inflight(p)).is_some();
         if found {
             out.journal(Journal::Ack { pid });
             self.fill(out);
@@ -310,7 +346,14 @@ impl Session {
             }
         }
         self.pending = keep;
+        self.bytes -= out.iter().map(weight).sum::<u64>();
         out
+    }
+
+    fn remove_inflight(&mut self, pos: usize) -> Option<Inflight> {
+        let i = self.inflight.remove(pos)?;
+        self.bytes -= weight(&i.d);
+        Some(i)
     }
 
     /// Incoming PUBREL: true if the packet id was known.
@@ -337,6 +380,7 @@ impl Session {
 /// output.
 impl Session {
     pub fn restore_enqueue(&mut self, d: Delivery) {
+        self.bytes += weight(&d);
         self.pending.push_back(d);
     }
 
@@ -344,7 +388,9 @@ impl Session {
     pub fn restore_sent(&mut self, pid: u16, discarded: bool) {
         self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
         if let Some(d) = self.pending.pop_front() {
-            if !discarded {
+            if discarded {
+                self.bytes -= weight(&d);
+            } else {
                 self.inflight.push_back(Inflight {
                     pid,
                     d,
@@ -356,7 +402,7 @@ impl Session {
 
     pub fn restore_ack(&mut self, pid: u16) {
         if let Some(p) = self.inflight.iter().position(|i| i.pid == pid) {
-            self.inflight.remove(p);
+            self.remove_inflight(p);
         }
     }
 
@@ -400,6 +446,10 @@ impl Session {
     }
 }
 
+fn clamp(n: usize) -> u32 {
+    n.min(u32::MAX as usize) as u32
+}
+
 pub fn ack(packet_id: u16, reason: u8) -> Ack {
     Ack {
         packet_id,
@@ -441,6 +491,7 @@ mod tests {
                 origin: None,
                 expires_at: None,
                 uid: 0,
+                stamp: 0,
             }),
             qos,
             retain: false,

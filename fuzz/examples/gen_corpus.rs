@@ -65,6 +65,7 @@ fn connect(protocol: Protocol) -> Packet {
             Property::AuthenticationData(b(b"n,,n=alice,r=abc")),
             user("region", "eu"),
         ]),
+        bridge: false,
     }))
 }
 
@@ -78,6 +79,7 @@ fn plain_connect(protocol: Protocol) -> Packet {
         username: None,
         password: None,
         properties: Properties::default(),
+        bridge: false,
     }))
 }
 

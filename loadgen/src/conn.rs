@@ -301,6 +301,7 @@ impl Client {
             username: None,
             password: None,
             properties,
+            bridge: false,
         };
         self.queue(&Packet::Connect(Box::new(c)));
         self.st = St::ConnAck;

@@ -288,6 +288,7 @@ pub fn connect_packet(protocol: Protocol, id: &str, clean: bool, keep_alive: u16
         username: None,
         password: None,
         properties: Properties::default(),
+        bridge: false,
     }
 }
 

@@ -39,6 +39,7 @@ fn message(topic: String, payload: &Bytes, retain: bool) -> Arc<Message> {
         origin: None,
         expires_at: None,
         uid: 0,
+        stamp: 0,
     })
 }
 

@@ -156,7 +156,8 @@ fn with_session(
     let st = &mut *st;
     if let Some(entry) = st.sessions.get_mut(sid) {
         let log = st.log.as_mut().filter(|_| entry.session.logged);
-        let mut out = ConnOutbox::logged(conn, shard.now.get(), log, sid);
+        let bridge = entry.bridge().and_then(|i| shard.cfg.bridges.get(i));
+        let mut out = ConnOutbox::logged(conn, shard.now.get(), log, sid).mapped(bridge);
         f(&mut entry.session, &mut out);
         shard.congestion(entry);
     }
@@ -239,6 +240,12 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
     let max_id = cfg.limits.max_client_id_length;
     if max_id != 0 && c.client_id.len() > max_id {
         Metrics::inc(&shard.metrics.limit_client_id);
+        return refuse(conn, protocol, 0x02, reason::CLIENT_IDENTIFIER_NOT_VALID);
+    }
+    if c.client_id
+        .starts_with(crate::config::bridge::SESSION_PREFIX)
+    {
+        // Bridges' sessions: no client may take one over.
         return refuse(conn, protocol, 0x02, reason::CLIENT_IDENTIFIER_NOT_VALID);
     }
     let mut client_id = c.client_id.clone();
@@ -349,7 +356,9 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
         // session, after a restart).
         entry.set_username(c.username.clone());
         // Connected: the bound is soft (backpressure), the hard bound 8x.
-        entry.session.max_queued = cfg.max_queued_messages.saturating_mul(8);
+        entry
+            .session
+            .set_max_queued(cfg.max_queued_messages.saturating_mul(8));
     }
     {
         let mut cs = conn.state.borrow_mut();
@@ -367,6 +376,7 @@ fn connect_inner(shard: &Shard, conn: &Rc<Conn>, c: Box<Connect>) -> Flow {
             0
         };
         cs.problem_info = c.properties.request_problem_information() != Some(0);
+        cs.peer_bridge = c.bridge;
     }
     conn.keepalive.set(keepalive);
     shard.schedule(st, conn);
@@ -500,8 +510,9 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         (true, true, false) => reason::NOT_AUTHORIZED,
         _ => 0,
     };
+    let link = conn.state.borrow().link;
     let mut pause = None;
-    if limits.max_publish_rate != 0 || limits.max_publish_bytes_rate != 0 {
+    if !link && (limits.max_publish_rate != 0 || limits.max_publish_bytes_rate != 0) {
         let qos0 = p.qos == QoS::AtMostOnce;
         let slot = &mut entry.rare_mut().throttle;
         match super::Throttle::take(slot, limits, p.payload.len(), !qos0) {
@@ -532,6 +543,25 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         };
         conn.out.borrow_mut().push_packet(&a, protocol);
         conn.wake();
+        return Flow::Continue;
+    }
+    if p.qos != QoS::AtMostOnce
+        && denied_code == 0
+        && !shard.cfg.bridges.is_empty()
+        && shard.bridge_rejects(topic.as_str(), entry.bridge())
+    {
+        // A full `reject_new` bridge would take it: no promise. 5.0 hears
+        // quota exceeded; 3.x gets no acknowledgement (it sends it again
+        // when it reconnects).
+        if protocol.is_v5() {
+            let a = ack(p.packet_id, reason::QUOTA_EXCEEDED);
+            let a = match p.qos {
+                QoS::AtLeastOnce => Packet::PubAck(a),
+                _ => Packet::PubRec(a),
+            };
+            conn.out.borrow_mut().push_packet(&a, protocol);
+            conn.wake();
+        }
         return Flow::Continue;
     }
     let mut in2 = false;
@@ -582,6 +612,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
             origin: Some((shard.id as u16, sid)),
             expires_at,
             uid: if logged { shard.new_uid(st) } else { 0 },
+            stamp: shard.now.get() as u32,
         });
         if logged {
             shard.hold_qos2(st, msg, sid, p.packet_id);
@@ -594,7 +625,11 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
 
 fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -> Flow {
     let v5 = protocol.is_v5();
-    let Some(sid) = conn.state.borrow().session else {
+    let (sid, peer_bridge) = {
+        let cs = conn.state.borrow();
+        (cs.session, cs.peer_bridge)
+    };
+    let Some(sid) = sid else {
         return Flow::Continue;
     };
     let sub_id = if v5 {
@@ -606,11 +641,15 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
     let st = &mut *st;
     let limits = &shard.cfg.limits;
     let mut codes = Vec::with_capacity(s.filters.len());
-    let mut retained = Vec::new();
-    let mut new_routes = Vec::new();
-    let mut share_changed = false;
-    let mut logged = Vec::new();
+    let mut batch = SubBatch::default();
     for (raw, opts) in &s.filters {
+        let mut opts = *opts;
+        if peer_bridge {
+            // Mosquitto's bridge rules: not its own messages back, and
+            // retain flags as published.
+            opts.no_local = true;
+            opts.retain_as_published = true;
+        }
         let fail = |v5code: u8| if v5 { v5code } else { 0x80 };
         let Ok(filter) = TopicFilter::new(raw.clone()) else {
             codes.push(fail(reason::TOPIC_FILTER_INVALID));
@@ -643,38 +682,79 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
             continue;
         }
         let filtered = access == SubscribeAccess::GrantedFiltered;
+        codes.push(opts.qos as u8);
+        batch.add(shard, st, sid, raw, &filter, opts, sub_id, filtered);
+    }
+    let suback = Packet::SubAck(SubAck {
+        packet_id: s.packet_id,
+        codes,
+        properties: Properties::default(),
+    });
+    let (retained, changed) = batch.finish(shard, st, sid);
+    shard.suback(st, conn, sid, suback, retained, changed);
+    Flow::Continue
+}
+
+/// Subscriptions added to one session in one go: what they log, the
+/// routes they create and the retained messages they get.
+#[derive(Default)]
+pub(crate) struct SubBatch {
+    retained: Vec<Delivery>,
+    new_routes: Vec<ByteStr>,
+    share_changed: bool,
+    logged: Vec<Rec>,
+}
+
+impl SubBatch {
+    /// Adds (or replaces) one subscription: the session, the local index
+    /// or the shared group, and the retained messages it gets.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add(
+        &mut self,
+        shard: &Shard,
+        st: &mut State,
+        sid: usize,
+        raw: &ByteStr,
+        filter: &TopicFilter,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+        filtered: bool,
+    ) {
+        let Some(entry) = st.sessions.get_mut(sid) else {
+            return;
+        };
         let existed = entry
             .session
             .subs
-            .insert(raw.clone(), (*opts, sub_id))
+            .insert(raw.clone(), (opts, sub_id))
             .is_some();
-        codes.push(opts.qos as u8);
-        logged.push(Rec::Sub {
+        self.logged.push(Rec::Sub {
             sid: sid as u32,
             filter: raw.clone(),
-            opts: *opts,
+            opts,
             sub_id,
         });
-        if let Some(key) = share_key(&filter) {
+        if let Some(key) = share_key(filter) {
             // MQTT-4.8.2: no retained messages for a shared subscription.
-            share_changed |= shard.share_join(st, key, sid, *opts, sub_id);
-            continue;
+            self.share_changed |= shard.share_join(st, key, sid, opts, sub_id);
+            return;
         }
         if !st.index.contains_filter(raw) {
-            new_routes.push(raw.clone());
+            self.new_routes.push(raw.clone());
         }
         st.route_gen += 1;
         st.index.insert(
             raw,
             sid,
             Sub {
-                opts: *opts,
+                opts,
                 sub_id,
                 filtered,
             },
         );
         if opts.retain_handling == 0 || (opts.retain_handling == 1 && !existed) {
-            let acl = entry.acl.as_ref();
+            let acl = st.sessions.get(sid).and_then(|e| e.acl.as_ref());
+            let retained = &mut self.retained;
             st.retained.matching(raw, |m| {
                 if filtered && !acl.is_none_or(|a| a.can_read(&m.topic)) {
                     return;
@@ -689,20 +769,21 @@ fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -
             });
         }
     }
-    for rec in logged {
-        shard.log_rec(st, sid, rec, true);
+
+    /// Logs the subscriptions and announces new routes. Returns the
+    /// retained messages to deliver and whether other shards must apply
+    /// route changes before the SUBACK.
+    pub(crate) fn finish(self, shard: &Shard, st: &mut State, sid: usize) -> (Vec<Delivery>, bool) {
+        for rec in self.logged {
+            shard.log_rec(st, sid, rec, true);
+        }
+        for f in &self.new_routes {
+            shard.route_change(st, f, true);
+        }
+        let changed =
+            !self.new_routes.is_empty() || self.share_changed || std::mem::take(&mut st.announce);
+        (self.retained, changed)
     }
-    for f in &new_routes {
-        shard.route_change(st, f, true);
-    }
-    let suback = Packet::SubAck(SubAck {
-        packet_id: s.packet_id,
-        codes,
-        properties: Properties::default(),
-    });
-    let changed = !new_routes.is_empty() || share_changed || std::mem::take(&mut st.announce);
-    shard.suback(st, conn, sid, suback, retained, changed);
-    Flow::Continue
 }
 
 /// (group, filter) of a `$share/{group}/{filter}` subscription.
@@ -743,6 +824,23 @@ fn shared_subs(session: &Session) -> Vec<((ByteStr, ByteStr), SubOptions, Option
         .collect()
 }
 
+/// Removes one subscription of `sid` (logged). False if it had none.
+pub(crate) fn unsubscribe_one(shard: &Shard, st: &mut State, sid: usize, f: &ByteStr) -> bool {
+    let existed = st
+        .sessions
+        .get_mut(sid)
+        .is_some_and(|e| e.session.subs.remove(f).is_some());
+    if existed {
+        remove_sub(shard, st, sid, f);
+        let rec = Rec::Unsub {
+            sid: sid as u32,
+            filter: f.clone(),
+        };
+        shard.log_rec(st, sid, rec, true);
+    }
+    existed
+}
+
 fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscribe) -> Flow {
     let Some(sid) = conn.state.borrow().session else {
         return Flow::Continue;
@@ -751,18 +849,7 @@ fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, u: Unsubscrib
     let st = &mut *st;
     let mut codes = Vec::new();
     for f in &u.filters {
-        let existed = st
-            .sessions
-            .get_mut(sid)
-            .is_some_and(|e| e.session.subs.remove(f).is_some());
-        if existed {
-            remove_sub(shard, st, sid, f);
-            let rec = Rec::Unsub {
-                sid: sid as u32,
-                filter: f.clone(),
-            };
-            shard.log_rec(st, sid, rec, true);
-        }
+        let existed = unsubscribe_one(shard, st, sid, f);
         if protocol.is_v5() {
             codes.push(if existed {
                 reason::SUCCESS
@@ -826,7 +913,7 @@ pub fn on_closed(shard: &Shard, conn: &Rc<Conn>, why: &CloseReason) {
         return;
     }
     entry.conn = None;
-    entry.session.max_queued = shard.cfg.max_queued_messages;
+    entry.session.set_max_queued(shard.cfg.max_queued_messages);
     shard.congestion(entry);
     // Shared subscriptions deliver only to connected members: leave the
     // groups, and hand what this member had not acknowledged to another.

@@ -5,6 +5,7 @@
 //! Architecture invariant: nothing here does I/O; the runtime's connection
 //! task drains [`OutQueue`] with vectored sends and watches `close`.
 
+use crate::config::bridge::Bridge;
 use crate::session::{Delivery, Journal, Outbox};
 use crate::store::log::Log;
 use crate::store::record::Rec;
@@ -441,6 +442,11 @@ pub struct ConnState {
     pub problem_info: bool,
     /// The listener it came through (`Config::listeners` index).
     pub listener: u16,
+    /// A bridge's outgoing link (the broker is the client on the wire).
+    pub link: bool,
+    /// The client said it is a bridge (3.x `try_private`): its own
+    /// messages are not sent back to it, retain flags stay as published.
+    pub peer_bridge: bool,
 }
 
 /// Topic aliases of one 5.0 connection.
@@ -522,6 +528,8 @@ impl Conn {
                 alias_max_out: 0,
                 problem_info: true,
                 listener: 0,
+                link: false,
+                peer_bridge: false,
             }),
         }
     }
@@ -616,6 +624,8 @@ pub struct ConnOutbox<'a> {
     pub discarded: u32,
     /// The shard's log and the session's number in it, for a logged session.
     pub log: Option<(&'a mut Log, u32)>,
+    /// A bridge's session: topics are mapped to the remote's.
+    pub bridge: Option<&'a Bridge>,
 }
 
 impl<'a> ConnOutbox<'a> {
@@ -628,7 +638,14 @@ impl<'a> ConnOutbox<'a> {
             now,
             discarded: 0,
             log: None,
+            bridge: None,
         }
+    }
+
+    /// For a bridge's session: topics go out mapped by its rules.
+    pub fn mapped(mut self, bridge: Option<&'a Bridge>) -> Self {
+        self.bridge = bridge;
+        self
     }
 
     /// An outbox that records the session's queue changes in `log`.
@@ -661,14 +678,19 @@ impl Outbox for ConnOutbox<'_> {
                 ));
             }
         }
-        let mut topic: &[u8] = d.msg.topic.as_bytes();
+        let mapped = self
+            .bridge
+            .and_then(|b| b.map_out(d.msg.topic.as_str()))
+            .map(ByteStr::from);
+        let full_topic = mapped.as_ref().unwrap_or(&d.msg.topic);
+        let mut topic: &[u8] = full_topic.as_bytes();
         // A new alias is registered only once its packet is really queued.
         let mut new_alias = None;
         if v5 {
             for id in &d.sub_ids {
                 properties.push(mqtt::Property::SubscriptionIdentifier(*id));
             }
-            if let Some((alias, known)) = self.alias_for(&d.msg.topic) {
+            if let Some((alias, known)) = self.alias_for(full_topic) {
                 properties.push(mqtt::Property::TopicAlias(alias));
                 if known {
                     topic = &[];
@@ -697,7 +719,7 @@ impl Outbox for ConnOutbox<'_> {
             return false;
         }
         if let Some(alias) = new_alias {
-            self.register_alias(&d.msg.topic, alias);
+            self.register_alias(full_topic, alias);
         }
         self.conn
             .out
@@ -832,6 +854,7 @@ mod tests {
                 origin: None,
                 expires_at: None,
                 uid: 0,
+                stamp: 0,
             }),
             qos: QoS::AtMostOnce,
             retain: false,

@@ -268,7 +268,7 @@ impl Shard {
                 continue;
             }
             s.session.window = self.cfg.max_inflight;
-            s.session.max_queued = self.cfg.max_queued_messages;
+            s.session.set_max_queued(self.cfg.max_queued_messages);
             s.session.persistent = true;
             s.session.logged = true;
             let user = s.username.clone();

@@ -8,6 +8,7 @@
 //! connections' write queues and the outbox.
 
 pub mod admin;
+pub mod bridge;
 pub mod client;
 pub mod clients;
 pub mod conn;
@@ -156,6 +157,8 @@ pub struct Rare {
     /// Its inbound publish budget (only with `max_publish_rate` or
     /// `max_publish_bytes_rate`).
     pub throttle: Option<Throttle>,
+    /// The session is this bridge's (index in `Config::bridges`).
+    pub bridge: Option<u16>,
 }
 
 /// A client's inbound publish budget: two token buckets (messages and
@@ -222,11 +225,9 @@ impl SessionEntry {
     }
 
     fn tidy(&mut self) {
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.will.is_none() && r.username.is_none() && r.throttle.is_none())
-        {
+        if self.rare.as_ref().is_some_and(|r| {
+            r.will.is_none() && r.username.is_none() && r.throttle.is_none() && r.bridge.is_none()
+        }) {
             self.rare = None;
         }
     }
@@ -378,6 +379,8 @@ pub struct State {
     seen_uids: std::collections::HashSet<u64>,
     next_uid: u64,
     dur_acked: Vec<u32>,
+    /// The session of each bridge homed here (index = `Config::bridges`).
+    pub bridge_sids: Vec<Option<usize>>,
 }
 
 pub struct Shard {
@@ -415,6 +418,8 @@ pub struct Shard {
     /// Connections waiting for the log (or other shards' logs) to make
     /// their output durable.
     pub gate_waiters: RefCell<Vec<Waker>>,
+    /// Every bridge's status, shared by the shards (set by the runtime).
+    pub bridges: RefCell<Arc<bridge::Bridges>>,
 }
 
 /// Messages queued towards one shard beyond which QoS 0 is dropped and
@@ -427,7 +432,6 @@ impl Shard {
         Shard {
             id,
             n,
-            cfg,
             security_seen: Cell::new(current.generation),
             acl: RefCell::new(current.acl.clone()),
             security,
@@ -464,6 +468,7 @@ impl Shard {
                 seen_uids: Default::default(),
                 next_uid: 0,
                 dur_acked: vec![0; n],
+                bridge_sids: vec![None; cfg.bridges.len()],
             }),
             metrics: Arc::new(Metrics::default()),
             all_metrics: RefCell::new(Arc::new(Vec::new())),
@@ -477,6 +482,8 @@ impl Shard {
             shutting_down: Cell::new(false),
             congested: Cell::new(0),
             gate_waiters: RefCell::new(Vec::new()),
+            bridges: RefCell::new(Arc::new(bridge::Bridges::new(cfg.bridges.len()))),
+            cfg,
         }
     }
 
@@ -716,10 +723,16 @@ impl Shard {
 
     /// Hands one delivery to a session; `check_acl` asks for a per-message
     /// read check (the subscription's filter overlaps a deny rule).
-    pub fn deliver_to(&self, st: &mut State, sid: usize, d: Delivery, check_acl: bool) {
+    pub fn deliver_to(&self, st: &mut State, sid: usize, mut d: Delivery, check_acl: bool) {
         if d.msg.uid != 0 && st.seen_uids.contains(&d.msg.uid) {
             // Routed again after a crash: already in this shard's queues.
             return;
+        }
+        let bridge = st.sessions.get(sid).and_then(|e| e.bridge());
+        if let Some(idx) = bridge {
+            if !self.bridge_admit(st, sid, idx, &mut d) {
+                return;
+            }
         }
         let Some(entry) = st.sessions.get_mut(sid) else {
             return;
@@ -760,7 +773,8 @@ impl Shard {
                     Metrics::inc(&self.metrics.qos0_dropped);
                     return;
                 }
-                let mut out = ConnOutbox::logged(conn, self.now.get(), log, sid);
+                let mapped = bridge.and_then(|i| self.cfg.bridges.get(i));
+                let mut out = ConnOutbox::logged(conn, self.now.get(), log, sid).mapped(mapped);
                 let r = entry.session.deliver(d, Some(&mut out));
                 if out.discarded > 0 {
                     Metrics::inc(&self.metrics.expired_or_oversize);
@@ -780,6 +794,9 @@ impl Shard {
                 Metrics::inc(&self.metrics.queue_dropped)
             }
             Enqueued::Dropped => {}
+        }
+        if let Some(idx) = bridge {
+            self.bridge_refresh(st, idx);
         }
     }
 

@@ -31,6 +31,7 @@ fn connect(id: &str, protocol: Protocol, clean: bool) -> Connect {
         username: None,
         password: None,
         properties,
+        bridge: false,
     }
 }
 

@@ -92,6 +92,7 @@ impl Shard {
             origin: None,
             expires_at,
             uid: 0,
+            stamp: self.now.get() as u32,
         });
         self.route(st, msg);
     }
@@ -195,6 +196,7 @@ impl Shard {
                 origin: None,
                 expires_at: None,
                 uid: 0,
+                stamp: self.now.get() as u32,
             });
             self.route(&mut st, msg);
         }

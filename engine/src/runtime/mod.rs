@@ -6,6 +6,7 @@
 //! Keeping glommio here (docs/GLOMMIO-NOTES.md: upstream is barely maintained) means a
 //! move to the community fork or another runtime touches this module only.
 
+mod bridge;
 mod conn;
 mod http;
 mod limits;
@@ -48,6 +49,8 @@ pub(crate) struct Rt {
     pub limits: Arc<limits::ConnLimits>,
     /// Every shard's metrics (index = shard id), read by scrapes.
     pub metrics: Arc<Vec<Arc<crate::broker::metrics::Metrics>>>,
+    /// Each bridge's TLS client configuration (None: no TLS address).
+    pub bridge_tls: Arc<Vec<Option<Arc<rustls::ClientConfig>>>>,
 }
 
 /// The CPUs this process may run on.
@@ -147,6 +150,22 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // Every shard's metrics, for scrapes on any shard.
     let all_metrics: Arc<Vec<Arc<crate::broker::metrics::Metrics>>> =
         Arc::new((0..n).map(|_| Arc::default()).collect());
+    // Bridges: their TLS files are read here, their status is shared.
+    let bridge_tls = cfg
+        .bridges
+        .iter()
+        .map(|b| {
+            if b.addresses.iter().any(|a| a.scheme.tls()) {
+                crate::transport::certs::client_config(b.tls.as_ref())
+                    .map(Some)
+                    .map_err(|e| format!("bridge {:?}: {e}", b.name))
+            } else {
+                Ok(None)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bridge_tls = Arc::new(bridge_tls);
+    let bridges = Arc::new(crate::broker::bridge::Bridges::new(cfg.bridges.len()));
     // Recovery, before any shard runs: every shard's log, in parallel.
     let epoch_unix = crate::store::unix_now();
     let opened = match &cfg.store {
@@ -199,6 +218,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         let endpoints = endpoints.clone();
         let limits = conn_limits.clone();
         let metrics = all_metrics.clone();
+        let (bridge_tls, bridges) = (bridge_tls.clone(), bridges.clone());
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("tarta-shard-{id}"))
             .io_memory(cfg.io_memory)
@@ -209,7 +229,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 let mut shard = Shard::new(id, n, cfg, security);
                 shard.metrics = metrics[id].clone();
                 *shard.all_metrics.borrow_mut() = metrics.clone();
+                *shard.bridges.borrow_mut() = bridges;
                 let rt = Rc::new(Rt {
+                    bridge_tls,
                     shard,
                     metrics,
                     mesh: ends,
@@ -346,9 +368,13 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
     };
     glommio::spawn_local(watch_ring(efd)).detach();
     glommio::spawn_local(sched::run()).detach();
+    // Bridges' sessions and subscriptions, before the barrier: every
+    // shard knows their routes before it serves a client.
+    rt.shard.bridge_setup();
     // After a restart, clients are served once every shard has restored
     // its sessions and this one knows their routes.
-    let startup = committer.as_ref().map(|_| rt.shard.startup_barrier());
+    let barrier = committer.is_some() || !rt.shard.cfg.bridges.is_empty();
+    let startup = barrier.then(|| rt.shard.startup_barrier());
     let starting = rt.clone();
     glommio::spawn_local(async move {
         if let Some(seq) = startup {
@@ -359,6 +385,7 @@ async fn shard_main(rt: Rc<Rt>, listeners: Vec<(OwnedFd, u16)>, store: Option<Sh
         for (fd, idx) in listeners {
             listener::start(starting.clone(), fd, idx);
         }
+        bridge::start(&starting, &starting.bridge_tls);
     })
     .detach();
     glommio::spawn_local(pump::ticker(rt.clone())).detach();

@@ -113,6 +113,7 @@ pub fn message(p: Publish, expires: u64, uid: u64, epoch_unix: u64) -> Arc<Messa
         origin: None,
         expires_at: (expires != 0).then(|| expires.saturating_sub(epoch_unix)),
         uid,
+        stamp: 0,
     })
 }
 

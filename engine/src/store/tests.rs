@@ -115,6 +115,7 @@ fn run(seed: u64, ops: usize) -> (Vec<u8>, Vec<(usize, Print)>) {
                     origin: None,
                     expires_at: None,
                     uid: 0,
+                    stamp: 0,
                 });
                 let d = Delivery {
                     msg: msg.clone(),

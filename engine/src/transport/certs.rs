@@ -114,3 +114,35 @@ pub fn server_config(
     cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
+
+/// The client configuration of a bridge's TLS link: the remote's
+/// certificate is checked against `ca` (else the system's roots in
+/// `/etc/ssl/certs/ca-certificates.crt`); `cert` and `key` identify this
+/// broker to the remote, if given.
+pub fn client_config(
+    tls: Option<&crate::config::bridge::BridgeTls>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+    let ca = tls
+        .and_then(|t| t.ca.clone())
+        .unwrap_or_else(|| SYSTEM_ROOTS.into());
+    let mut roots = RootCertStore::empty();
+    for c in read_certs(&ca)? {
+        // The system bundle holds a few certificates webpki cannot use.
+        if roots.add(c).is_err() && tls.and_then(|t| t.ca.as_ref()).is_some() {
+            return Err(format!("invalid CA certificate in {}", ca.display()));
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots);
+    let cfg = match tls.map(|t| (&t.cert, &t.key)) {
+        Some((Some(cert), Some(key))) => builder
+            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
+            .map_err(|e| format!("client certificate {}: {e}", cert.display()))?,
+        Some((None, None)) | None => builder.with_no_client_auth(),
+        Some(_) => return Err("tls: cert and key go together".into()),
+    };
+    Ok(Arc::new(cfg))
+}

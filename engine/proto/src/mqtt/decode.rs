@@ -348,12 +348,15 @@ fn reason_and_properties(r: &mut Reader<'_>, rules: Rules) -> Result<(u8, Proper
 
 fn connect(r: &mut Reader<'_>) -> Result<Connect> {
     let name = r.binary()?;
-    let level = r.u8()?;
+    let raw_level = r.u8()?;
+    // 3.x bridges (Mosquitto's try_private) set the level's top bit.
+    let bridge = raw_level & 0x80 != 0 && raw_level & 0x7f < 5;
+    let level = if bridge { raw_level & 0x7f } else { raw_level };
     let protocol = match (&name[..], level) {
         (b"MQIsdp", 3) => Protocol::V31,
         (b"MQTT", 4) => Protocol::V311,
         (b"MQTT", 5) => Protocol::V5,
-        (b"MQIsdp" | b"MQTT", _) => return Err(DecodeError::UnsupportedProtocolVersion(level)),
+        (b"MQIsdp" | b"MQTT", _) => return Err(DecodeError::UnsupportedProtocolVersion(raw_level)),
         _ => {
             return Err(DecodeError::Protocol(
                 "protocol name is neither MQTT nor MQIsdp (MQTT-3.1.2-1)",
@@ -420,6 +423,7 @@ fn connect(r: &mut Reader<'_>) -> Result<Connect> {
         username,
         password,
         properties,
+        bridge,
     })
 }
 

@@ -272,7 +272,8 @@ fn connect_len(c: &Connect) -> usize {
 fn put_connect(c: &Connect, out: &mut BytesMut) {
     let v5 = c.protocol.is_v5();
     put_binary(out, protocol_name(c.protocol));
-    out.put_u8(c.protocol.level());
+    let bridge = if c.bridge && !v5 { 0x80 } else { 0 };
+    out.put_u8(c.protocol.level() | bridge);
     let mut flags = u8::from(c.clean_start) << 1;
     if let Some(w) = &c.will {
         flags |= 0x04 | (w.qos as u8) << 3 | u8::from(w.retain) << 5;

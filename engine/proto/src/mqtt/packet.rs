@@ -84,6 +84,10 @@ pub struct Connect {
     pub username: Option<ByteStr>,
     pub password: Option<Bytes>,
     pub properties: Properties,
+    /// 3.x: the client is a bridge (Mosquitto's `try_private`: the protocol
+    /// level's top bit, 0x83/0x84). The broker sends it no message it
+    /// published itself and keeps the retain flag as published.
+    pub bridge: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -230,6 +230,8 @@ fn connect(g: &mut Gen, v: Protocol) -> Connect {
         username,
         password,
         properties: props(g, v, CONNECT_P),
+        // 3.x bridges set the level's top bit; 5.0 has no such bit.
+        bridge: !v.is_v5() && bool::arbitrary(g),
     }
 }
 
@@ -946,6 +948,7 @@ fn v5_property_table_matches_the_spec() {
                 username: None,
                 password: None,
                 properties,
+                bridge: false,
             }))
         }),
         ("will", WILL_P, |properties| {
@@ -964,6 +967,7 @@ fn v5_property_table_matches_the_spec() {
                 username: None,
                 password: None,
                 properties: Properties::default(),
+                bridge: false,
             }))
         }),
         ("CONNACK", CONNACK_P, |properties| {

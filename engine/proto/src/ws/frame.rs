@@ -45,6 +45,9 @@ pub struct FrameDecoder {
     fin: bool,
     /// A fragmented message is open: only continuation frames may follow.
     in_message: bool,
+    /// Decoding a server's frames (a bridge's outgoing link): they must not
+    /// be masked (RFC 6455 §5.1), where a client's must be.
+    from_server: bool,
 }
 
 impl FrameDecoder {
@@ -57,6 +60,15 @@ impl FrameDecoder {
             offset: 0,
             fin: true,
             in_message: false,
+            from_server: false,
+        }
+    }
+
+    /// A decoder for the frames a server sends (unmasked).
+    pub fn for_client(max_payload: u64) -> Self {
+        FrameDecoder {
+            from_server: true,
+            ..FrameDecoder::new(max_payload)
         }
     }
 
@@ -92,8 +104,18 @@ impl FrameDecoder {
                     "reserved bits set without an extension",
                 ));
             }
-            let Some(mask) = hdr.mask else {
-                return Err(err(close::PROTOCOL_ERROR, "client frames must be masked"));
+            let mask = match (hdr.mask, self.from_server) {
+                (Some(m), false) => m,
+                (None, true) => [0; 4],
+                (None, false) => {
+                    return Err(err(close::PROTOCOL_ERROR, "client frames must be masked"))
+                }
+                (Some(_), true) => {
+                    return Err(err(
+                        close::PROTOCOL_ERROR,
+                        "server frames must not be masked",
+                    ))
+                }
             };
             match hdr.opcode {
                 OpCode::Data(Data::Binary) | OpCode::Data(Data::Continue) => {
@@ -412,5 +434,25 @@ mod tests {
     fn close_and_pong_frames_encode() {
         assert_eq!(close_frame(1002, "x"), vec![0x88, 3, 0x03, 0xea, b'x']);
         assert_eq!(pong_frame(b"ab"), vec![0x8a, 2, b'a', b'b']);
+    }
+
+    #[test]
+    fn a_client_decodes_unmasked_server_frames_and_refuses_masked_ones() {
+        let mut h = [0u8; 10];
+        let n = frame_header(OP_BINARY, 3, &mut h);
+        let mut wire = BytesMut::from(&h[..n]);
+        wire.extend_from_slice(b"abc");
+        wire.extend_from_slice(&pong_frame(b"")[..]);
+        let mut d = FrameDecoder::for_client(1024);
+        assert_eq!(
+            d.next(&mut wire).unwrap(),
+            Some(WsEvent::Data(BytesMut::from(&b"abc"[..])))
+        );
+        assert_eq!(d.next(&mut wire).unwrap(), Some(WsEvent::Pong));
+        let mut masked = BytesMut::from(&client_frame(OP_BINARY, true, b"x", [1, 2, 3, 4])[..]);
+        let e = FrameDecoder::for_client(1024)
+            .next(&mut masked)
+            .unwrap_err();
+        assert_eq!(e.code, close::PROTOCOL_ERROR);
     }
 }

@@ -1,7 +1,9 @@
 //! MQTT over WebSocket (RFC 6455, MQTT-6.0.0): the HTTP/1.1 upgrade, frame
-//! parsing with in-place unmasking, and server frame encoding. No I/O: the
+//! parsing with in-place unmasking, server frame encoding, and the client
+//! side of the upgrade (a bridge's outgoing link). No I/O: the
 //! runtime feeds bytes in and writes what comes out.
 
+pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod mask;
