@@ -9,6 +9,7 @@ mod harness;
 mod acl;
 mod admin;
 mod auth;
+mod bridge;
 mod durability;
 mod errors;
 mod limits;

@@ -184,6 +184,7 @@ impl Shard {
                 self.deliver_to(st, sid, d, false);
             }
             self.bridge_refresh(st, idx);
+            self.bridge_state_topic(st, idx, false);
         }
     }
 
