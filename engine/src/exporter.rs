@@ -34,7 +34,116 @@ pub struct Sources {
     /// Log lines dropped by the non-blocking writer.
     pub log_dropped: u64,
     pub version: &'static str,
+    pub bridges: Vec<BridgeStat>,
 }
+
+/// One bridge as the scrape sees it.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeStat {
+    pub name: String,
+    pub up: bool,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    /// Seconds since the oldest buffered message was published (0: none).
+    pub oldest_age: u64,
+    pub forwarded: u64,
+    pub received: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub remote_refused: u64,
+    pub connects: u64,
+}
+
+impl BridgeStat {
+    /// A bridge's figures now (`now`: the broker second).
+    pub fn of(name: &str, s: &crate::broker::bridge::BridgeStatus, now: u64) -> BridgeStat {
+        use std::sync::atomic::Ordering::Relaxed;
+        let queued = s.queued.load(Relaxed);
+        BridgeStat {
+            name: name.to_string(),
+            up: s.connected.load(Relaxed),
+            queued,
+            queued_bytes: s.queued_bytes.load(Relaxed),
+            // Recovered at start (no time known): counted from the start.
+            oldest_age: if queued > 0 {
+                now.saturating_sub(s.oldest_at.load(Relaxed))
+            } else {
+                0
+            },
+            forwarded: s.forwarded.load(Relaxed),
+            received: s.received.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+            rejected: s.rejected.load(Relaxed),
+            remote_refused: s.remote_refused.load(Relaxed),
+            connects: s.connects.load(Relaxed),
+        }
+    }
+}
+
+/// The bridge families: (name, help, kind, value).
+type BridgeFamily = (&'static str, &'static str, Kind, fn(&BridgeStat) -> u64);
+const BRIDGE_FAMILIES: [BridgeFamily; 10] = [
+    (
+        "tarta_bridge_up",
+        "1 while the bridge's link is up.",
+        Kind::Gauge,
+        |b| u64::from(b.up),
+    ),
+    (
+        "tarta_bridge_queued_messages",
+        "Messages buffered for the remote (queued and in flight).",
+        Kind::Gauge,
+        |b| b.queued,
+    ),
+    (
+        "tarta_bridge_queued_bytes",
+        "Topic and payload bytes buffered for the remote.",
+        Kind::Gauge,
+        |b| b.queued_bytes,
+    ),
+    (
+        "tarta_bridge_oldest_queued_age_seconds",
+        "Age of the oldest buffered message (0: none).",
+        Kind::Gauge,
+        |b| b.oldest_age,
+    ),
+    (
+        "tarta_bridge_forwarded",
+        "Messages the remote acknowledged.",
+        Kind::Counter,
+        |b| b.forwarded,
+    ),
+    (
+        "tarta_bridge_received",
+        "Messages from the remote published here.",
+        Kind::Counter,
+        |b| b.received,
+    ),
+    (
+        "tarta_bridge_dropped",
+        "Messages dropped: the oldest of a full drop_oldest buffer, QoS 0 when full.",
+        Kind::Counter,
+        |b| b.dropped,
+    ),
+    (
+        "tarta_bridge_rejected",
+        "Messages refused to local publishers: the reject_new buffer was full.",
+        Kind::Counter,
+        |b| b.rejected,
+    ),
+    (
+        "tarta_bridge_remote_refused",
+        "Forwarded messages the remote refused (an error reason code).",
+        Kind::Counter,
+        |b| b.remote_refused,
+    ),
+    (
+        "tarta_bridge_connects",
+        "Links established.",
+        Kind::Counter,
+        |b| b.connects,
+    ),
+];
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -186,6 +295,17 @@ fn families(s: &Sources) -> Vec<MetricFamily> {
         Kind::Gauge,
         ms,
     ));
+    for (name, help, kind, value) in BRIDGE_FAMILIES {
+        if s.bridges.is_empty() {
+            break;
+        }
+        let ms = s
+            .bridges
+            .iter()
+            .map(|b| metric(kind, value(b) as f64, &[("bridge", &b.name)]))
+            .collect();
+        out.push(family(name, help, kind, ms));
+    }
     out.push(family(
         "tarta_log_lines_dropped",
         "Log lines dropped because stderr could not keep up.",
@@ -307,7 +427,26 @@ mod tests {
             }],
             log_dropped: 0,
             version: "0.1.0",
+            bridges: vec![BridgeStat {
+                name: "cloud".into(),
+                up: true,
+                queued: 4,
+                forwarded: 10,
+                ..Default::default()
+            }],
         });
+        assert!(
+            text.contains("tarta_bridge_up{bridge=\"cloud\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_bridge_queued_messages{bridge=\"cloud\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tarta_bridge_forwarded_total{bridge=\"cloud\"} 10"),
+            "{text}"
+        );
         assert!(
             text.contains("# TYPE tarta_messages_received_total counter"),
             "{text}"

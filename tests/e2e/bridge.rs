@@ -140,7 +140,11 @@ impl Relay {
 fn edge(bridges: &str, data: &Path) -> Broker {
     std::fs::create_dir_all(data).unwrap();
     let conf = data.with_extension("toml");
-    std::fs::write(&conf, format!("tcp = [\"127.0.0.1:0\"]\n{bridges}")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("tcp = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\n{bridges}"),
+    )
+    .unwrap();
     let args: Vec<String> = [
         "--config",
         conf.to_str().unwrap(),
@@ -216,12 +220,13 @@ fn subscriber(port: u16, id: &str, filter: &str) -> Raw {
     c
 }
 
-/// Receives until `n` messages arrived or `within` passed (acknowledging
-/// each): (topic, payload) in arrival order.
+/// Receives until `n` distinct messages arrived or `within` passed
+/// (acknowledging each): (topic, payload) in arrival order, duplicates too.
 fn collect(c: &mut Raw, n: usize, within: Duration) -> Vec<(String, String)> {
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
-    while got.len() < n {
+    let mut distinct = std::collections::HashSet::new();
+    while distinct.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -235,10 +240,12 @@ fn collect(c: &mut Raw, n: usize, within: Duration) -> Vec<(String, String)> {
                         properties: Properties::default(),
                     }));
                 }
-                got.push((
+                let m = (
                     p.topic.to_string(),
                     String::from_utf8_lossy(&p.payload).into_owned(),
-                ));
+                );
+                distinct.insert(m.clone());
+                got.push(m);
             }
             Some(_) => {}
             None => {}
@@ -380,6 +387,27 @@ fn a_cut_link_loses_nothing_and_the_backlog_drains() {
     wait_state(e.port, "cloud", "1");
     let log = std::fs::read_to_string(dir.0.join("edge.log")).unwrap();
     assert!(log.contains("bridge link lost"), "the cut was not seen");
+    // Prometheus: drained, everything acknowledged by the remote, up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = http(e.port_of("http"), "GET", "/metrics", None);
+        let value = |name: &str| -> u64 {
+            let key = format!("{name}{{bridge=\"cloud\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        let ok = value("tarta_bridge_queued_messages") == 0
+            && (600..u64::MAX).contains(&value("tarta_bridge_forwarded_total"))
+            && value("tarta_bridge_up") == 1
+            && value("tarta_bridge_connects_total") >= 2;
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -54,6 +54,17 @@ pub fn serve(rt: &Rt, listener: u16, req: &HttpRequest) -> Reply {
                     .collect(),
                 log_dropped: crate::logging::dropped_lines(),
                 version: env!("CARGO_PKG_VERSION"),
+                bridges: {
+                    let all = rt.shard.bridges.borrow().clone();
+                    let now = rt.shard.now.get();
+                    rt.shard
+                        .cfg
+                        .bridges
+                        .iter()
+                        .zip(all.status.iter())
+                        .map(|(b, s)| exporter::BridgeStat::of(&b.name, s, now))
+                        .collect()
+                },
             };
             Reply::Later(Box::pin(async move {
                 let body = glommio::executor()

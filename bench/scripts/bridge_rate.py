@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Bridge forwarding rate and backlog drain, Tarta beside Mosquitto.
+
+The remote is Debian's Mosquitto (TCP and WebSocket listeners). The edge is
+Tarta (bridge over TCP, and over WebSocket) or Mosquitto (its bridge speaks
+TCP only), fresh for every run, in alternating rounds. A paho publisher at
+the edge sends N numbered QoS 1 messages (100 in flight), a paho subscriber
+at the remote receives them; the edge's CPU comes from /proc.
+
+  rate:  msgs/s from the first publish to the last arrival, and msgs per
+         edge CPU-second.
+  drain: the edge starts with its remote down, takes a backlog of B QoS 1
+         messages, then the remote starts: time from the first to the last
+         arrival.
+
+    bench/scripts/bridge_rate.py --messages 20000 --backlog 60000 --rounds 3
+"""
+import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+
+import paho.mqtt.client as mqtt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARTA = os.path.join(ROOT, "target", "release", "tarta")
+MOSQUITTO = "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else "mosquitto"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def mosquitto(work, name, body):
+    conf = os.path.join(work, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(body)
+    return subprocess.Popen([MOSQUITTO, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(work, f"{name}.log"), "w"))
+
+
+def remote(work, port=None):
+    tcp, ws = port or free_port(), free_port()
+    p = mosquitto(work, "remote", f"listener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\n"
+                  "protocol websockets\nsocket_domain ipv4\nallow_anonymous true\n"
+                  "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\n")
+    wait_port(tcp)
+    wait_port(ws)
+    return p, tcp, ws
+
+
+def edge(work, kind, rtcp, rws):
+    port = free_port()
+    if kind == "mosquitto":
+        p = mosquitto(work, "edge", f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                      "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
+                      f"connection cloud\naddress 127.0.0.1:{rtcp}\ntopic bench/# out 1\n"
+                      "cleansession false\nrestart_timeout 1\ntry_private true\n"
+                      "bridge_max_packet_size 0\n")
+    else:
+        addr = f"mqtt://127.0.0.1:{rtcp}" if kind == "tarta-tcp" else f"ws://127.0.0.1:{rws}/mqtt"
+        conf = os.path.join(work, "edge.toml")
+        data = os.path.join(work, "edge-data")
+        shutil.rmtree(data, ignore_errors=True)
+        with open(conf, "w") as f:
+            f.write(f'tcp = ["127.0.0.1:{port}"]\ndata_dir = "{data}"\n'
+                    f'[[bridge]]\nname = "cloud"\naddress = "{addr}"\nclient_id = "edge"\n'
+                    'protocol = "3.1.1"\nreconnect_delay_ms = 200\nreconnect_delay_max_ms = 1000\n'
+                    '[[bridge.topic]]\nfilter = "bench/#"\nqos = 1\n')
+        p = subprocess.Popen([TARTA, "--config", conf], stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(work, "edge.log"), "w"))
+    wait_port(port)
+    return p, port
+
+
+class Sub:
+    """A QoS 1 subscriber at the remote that counts distinct messages."""
+
+    def __init__(self, port, want):
+        self.want, self.seen, self.first, self.last = want, set(), None, None
+        self.done = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub{port}", clean_session=True)
+        self.c.on_message = self.on_message
+        ok = threading.Event()
+        self.c.on_subscribe = lambda *a: ok.set()
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe("bench/#", qos=1)
+        ok.wait(5)
+
+    def on_message(self, c, u, m):
+        now = time.time()
+        if m.topic == "bench/probe":
+            return
+        self.first = self.first or now
+        self.seen.add(m.payload)
+        if len(self.seen) >= self.want and not self.done.is_set():
+            self.last = now
+            self.done.set()
+
+    def stop(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def publish(port, n, topic="bench/a"):
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub{time.time_ns()}", clean_session=True)
+    c.max_inflight_messages_set(100)
+    c.max_queued_messages_set(0)
+    acked = threading.Semaphore(0)
+    c.on_publish = lambda *a: acked.release()
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for i in range(n):
+        c.publish(topic, str(i).encode().ljust(64, b"."), qos=1)
+    for _ in range(n):
+        acked.acquire(timeout=60)
+    c.loop_stop()
+    c.disconnect()
+
+
+def wait_link(eport, sub_port):
+    """Until a probe published at the edge reaches the remote."""
+    got = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe{time.time_ns()}")
+    c.on_message = lambda *a: got.set()
+    c.connect("127.0.0.1", sub_port)
+    c.loop_start()
+    c.subscribe("bench/probe", qos=1)
+    time.sleep(0.2)
+    end = time.time() + 20
+    while not got.is_set() and time.time() < end:
+        publish(eport, 1, "bench/probe")
+        got.wait(0.5)
+    c.loop_stop()
+    c.disconnect()
+    if not got.is_set():
+        raise RuntimeError("the bridge never forwarded the probe")
+
+
+def rate(work, kind, n):
+    r, rtcp, rws = remote(work)
+    e, eport = edge(work, kind, rtcp, rws)
+    try:
+        wait_link(eport, rtcp)
+        sub = Sub(rtcp, n)
+        c0, t0 = cpu(e.pid), time.time()
+        publish(eport, n)
+        if not sub.done.wait(120):
+            raise RuntimeError(f"{kind}: {len(sub.seen)} of {n} arrived")
+        c1 = cpu(e.pid)
+        wall = sub.last - t0
+        sub.stop()
+        return n / wall, n / max(c1 - c0, 1e-9)
+    finally:
+        for p in (e, r):
+            p.kill()
+            p.wait()
+
+
+def drain(work, kind, backlog):
+    rtcp = free_port()
+    e, eport = edge(work, kind, rtcp, free_port())
+    r = None
+    try:
+        time.sleep(0.5)
+        publish(eport, backlog)
+        r, rtcp, _ = remote(work, rtcp)
+        sub = Sub(rtcp, backlog)
+        if not sub.done.wait(300):
+            raise RuntimeError(f"{kind}: {len(sub.seen)} of {backlog} drained")
+        sub.stop()
+        return backlog / (sub.last - sub.first)
+    finally:
+        for p in (e, r):
+            if p:
+                p.kill()
+                p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--backlog", type=int, default=60000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kinds", default="tarta-tcp,tarta-ws,mosquitto")
+    a = ap.parse_args()
+    kinds = a.kinds.split(",")
+    work = tempfile.mkdtemp(prefix="bridge-rate-")
+    res = {k: {"rate": [], "per_cpu": [], "drain": []} for k in kinds}
+    try:
+        for rnd in range(a.rounds):
+            for k in kinds:
+                r, pc = rate(work, k, a.messages)
+                d = drain(work, k, a.backlog) if a.backlog else 0
+                res[k]["rate"].append(r)
+                res[k]["per_cpu"].append(pc)
+                res[k]["drain"].append(d)
+                print(f"round {rnd + 1} {k:10} {r:9.0f} msgs/s  {pc:9.0f} msgs/edge-CPU-s  drain {d:9.0f} msgs/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nmedians of {a.rounds} rounds, {a.messages} QoS 1 messages of 64 B, backlog {a.backlog}:")
+    print("| edge | forwarded msgs/s | msgs per edge CPU-s | drain msgs/s |")
+    print("|---|---|---|---|")
+    for k in kinds:
+        m = {x: statistics.median(v) for x, v in res[k].items()}
+        print(f"| {k} | {m['rate']:.0f} | {m['per_cpu']:.0f} | {m['drain']:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
