@@ -312,6 +312,8 @@ pub struct Config {
     pub limits: Limits,
     /// Links to other brokers (`[[bridge]]`).
     pub bridges: Vec<bridge::Bridge>,
+    /// This process's identity in bridges' hop markers.
+    pub hop_id: String,
 }
 
 /// Limits that keep one client or one address from harming the others
@@ -385,6 +387,20 @@ pub struct StoreConfig {
     /// deleted) once it has grown by this many bytes and by more than
     /// its last snapshot.
     pub compact_bytes: u64,
+}
+
+/// 16 hex digits from the kernel's random source.
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = (t ^ u64::from(std::process::id())).to_ne_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 impl Config {
@@ -537,8 +553,10 @@ impl Config {
                 .unwrap_or(d.max_publish_bytes_rate),
             max_client_id_length: file.max_client_id_length.unwrap_or(d.max_client_id_length),
         };
+        let hop_id = random_id();
         let cfg = Config {
-            bridges: bridge::parse(file.bridge.unwrap_or_default())?,
+            bridges: bridge::parse(file.bridge.unwrap_or_default(), &hop_id)?,
+            hop_id,
             limits,
             listeners,
             shards: cli.shards.or(file.shards).unwrap_or(cpus),

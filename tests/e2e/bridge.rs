@@ -138,11 +138,16 @@ impl Relay {
 
 /// An edge Tarta: a TCP listener and `bridges` (TOML), its data in `data`.
 fn edge(bridges: &str, data: &Path) -> Broker {
+    edge_on(0, bridges, data)
+}
+
+/// An edge Tarta whose TCP listener is on `port` (0: any).
+fn edge_on(port: u16, bridges: &str, data: &Path) -> Broker {
     std::fs::create_dir_all(data).unwrap();
     let conf = data.with_extension("toml");
     std::fs::write(
         &conf,
-        format!("tcp = [\"127.0.0.1:0\"]\nhttp = [\"127.0.0.1:0\"]\n{bridges}"),
+        format!("tcp = [\"127.0.0.1:{port}\"]\nhttp = [\"127.0.0.1:0\"]\n{bridges}"),
     )
     .unwrap();
     let args: Vec<String> = [
@@ -546,6 +551,36 @@ fn no_loops(remote_port: u16, protocol: &str, dir: &TempDir) {
     }
 }
 
+/// Two Tartas, each with its own bridge out to the other on `#` (5.0):
+/// the hop marker stops the cycle.
+#[test]
+fn two_tartas_bridged_out_to_each_other_exchange_each_message_once() {
+    let (pa, pb) = (free_port(), free_port());
+    let dir = TempDir::new("bridge-cycle");
+    let table = |to: u16| {
+        format!(
+            "[[bridge]]\nname = \"peer\"\naddress = \"mqtt://127.0.0.1:{to}\"\nprotocol = \"5\"\n\
+             client_id = \"cycle-{to}\"\nreconnect_delay_ms = 100\nreconnect_delay_max_ms = 200\n\
+             [[bridge.topic]]\nfilter = \"#\"\ndirection = \"out\"\nqos = 1\n"
+        )
+    };
+    let a = edge_on(pa, &table(pb), &dir.0.join("a"));
+    let b = edge_on(pb, &table(pa), &dir.0.join("b"));
+    wait_state(a.port, "peer", "1");
+    wait_state(b.port, "peer", "1");
+    let mut at_a = subscriber(a.port, "sub-a", "t/#");
+    let mut at_b = subscriber(b.port, "sub-b", "t/#");
+    publish_numbered(a.port, Protocol::V5, "t/from-a", 0..20);
+    publish_numbered(b.port, Protocol::V311, "t/from-b", 0..20);
+    for c in [&mut at_a, &mut at_b] {
+        let got = collect(c, 100, Duration::from_secs(3));
+        for t in ["t/from-a", "t/from-b"] {
+            let n = got.iter().filter(|(topic, _)| topic == t).count();
+            assert_eq!(n, 20, "{t}: {n} copies of 20 messages");
+        }
+    }
+}
+
 #[test]
 fn both_ways_on_everything_without_loops_to_mosquitto_and_to_tarta() {
     let m = Mosquitto::start();
@@ -683,7 +718,7 @@ fn wss_with_a_test_ca_through_an_http_connect_proxy() {
         &dir.0.join("edge"),
     );
     wait_state(e.port, "cloud", "1");
-    let mut cloud = subscriber(remote.port, "cloud-sub", "plant7/#");
+    let mut cloud = subscriber(remote.port, "cloud-sub", "plant7/sensors/#");
     let mut local = subscriber(e.port, "local-sub", "cmd/#");
     publish_numbered(e.port, Protocol::V5, "sensors/a", 0..100);
     publish_numbered(remote.port, Protocol::V311, "plant7/cmd/go", 0..10);

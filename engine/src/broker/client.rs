@@ -485,6 +485,12 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
     let Ok(topic) = TopicName::new(p.topic.clone()) else {
         return protocol_error("invalid topic name in PUBLISH (MQTT-3.3.2-2)");
     };
+    let looped = protocol.is_v5()
+        && !p.properties.is_empty()
+        && p.properties.user_properties().any(|(k, v)| {
+            k.as_str() == crate::config::bridge::HOPS
+                && crate::config::bridge::passed(v.as_str(), &shard.cfg.hop_id)
+        });
     Metrics::inc(&shard.metrics.messages_received);
     shard.metrics.received_qos[p.qos as usize].add(1);
     let Some(sid) = conn.state.borrow().session else {
@@ -564,6 +570,9 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         }
         return Flow::Continue;
     }
+    // A bridged message that already passed this broker: acknowledged,
+    // not routed again (bridges in a cycle exchange it once).
+    let allowed = allowed && !looped;
     let mut in2 = false;
     let route = match p.qos {
         QoS::AtMostOnce => allowed,

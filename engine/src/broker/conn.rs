@@ -690,6 +690,9 @@ impl Outbox for ConnOutbox<'_> {
             for id in &d.sub_ids {
                 properties.push(mqtt::Property::SubscriptionIdentifier(*id));
             }
+            if let Some(b) = self.bridge {
+                add_hop(&mut properties, &b.hop_id);
+            }
             if let Some((alias, known)) = self.alias_for(full_topic) {
                 properties.push(mqtt::Property::TopicAlias(alias));
                 if known {
@@ -759,6 +762,26 @@ impl Outbox for ConnOutbox<'_> {
             }
         }
     }
+}
+
+/// Appends this broker to a bridged message's hop marker.
+fn add_hop(properties: &mut mqtt::Properties, id: &str) {
+    use crate::config::bridge::HOPS;
+    let before = properties
+        .user_properties()
+        .find(|(k, _)| k.as_str() == HOPS)
+        .map(|(_, v)| v.as_str().to_string());
+    let hops = match before {
+        Some(v) => format!("{v},{id}"),
+        None => id.to_string(),
+    };
+    properties
+        .0
+        .retain(|p| !matches!(p, mqtt::Property::UserProperty(k, _) if k.as_str() == HOPS));
+    properties.push(mqtt::Property::UserProperty(
+        ByteStr::from(HOPS),
+        ByteStr::from(hops),
+    ));
 }
 
 impl ConnOutbox<'_> {

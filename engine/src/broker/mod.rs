@@ -538,7 +538,9 @@ impl Shard {
     pub fn congestion(&self, entry: &mut SessionEntry) {
         let soft = self.cfg.max_queued_messages;
         let q = entry.session.queued_len();
-        let over = entry.conn.is_some() && q >= soft;
+        // A bridge buffers by design (its bound is `max_buffer_bytes`):
+        // draining a backlog must not hold the local publishers back.
+        let over = entry.conn.is_some() && q >= soft && entry.bridge().is_none();
         if over && !entry.congested {
             entry.congested = true;
             self.congested.set(self.congested.get() + 1);

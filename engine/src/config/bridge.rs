@@ -227,10 +227,22 @@ pub struct Bridge {
     pub reconnect_delay_ms: u64,
     pub reconnect_delay_max_ms: u64,
     pub rules: Vec<Rule>,
+    /// This broker's identity in hop markers (random per process).
+    pub hop_id: String,
 }
 
 /// The local client id of a bridge's session (a prefix clients may not use).
 pub const SESSION_PREFIX: &str = "$bridge/";
+
+/// The 5.0 user property that lists the brokers a bridged message passed
+/// (their `hop_id`s, comma-separated): a broker drops a message that
+/// already passed it, so bridges in a cycle exchange each message once.
+pub const HOPS: &str = "tarta-hops";
+
+/// Whether `hops` (a `HOPS` value) names `id`.
+pub fn passed(hops: &str, id: &str) -> bool {
+    hops.split(',').any(|h| h == id)
+}
 
 impl Bridge {
     pub fn session_id(&self) -> String {
@@ -270,7 +282,7 @@ fn prefix_ok(p: &str) -> bool {
 }
 
 /// Checks the tables (names unique, addresses, rules).
-pub fn parse(files: Vec<BridgeFile>) -> Result<Vec<Bridge>, String> {
+pub fn parse(files: Vec<BridgeFile>, hop_id: &str) -> Result<Vec<Bridge>, String> {
     let mut out: Vec<Bridge> = Vec::new();
     for f in files {
         let name = f.name;
@@ -384,13 +396,14 @@ pub fn parse(files: Vec<BridgeFile>) -> Result<Vec<Bridge>, String> {
             tls: f.tls,
             http_headers: f.http_headers.unwrap_or_default().into_iter().collect(),
             http_proxy,
-            max_buffer_bytes: f.max_buffer_bytes.unwrap_or(1 << 30),
+            max_buffer_bytes: f.max_buffer_bytes.unwrap_or(256 << 20),
             overflow: f.overflow.unwrap_or(Overflow::RejectNew),
             queue_qos0: f.queue_qos0.unwrap_or(false),
             reconnect_delay_ms: delay,
             reconnect_delay_max_ms: f.reconnect_delay_max_ms.unwrap_or(30_000).max(delay),
             rules,
             name,
+            hop_id: hop_id.to_string(),
         });
     }
     Ok(out)
@@ -434,7 +447,7 @@ mod tests {
             bridge: Vec<BridgeFile>,
         }
         let f: F = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        parse(f.bridge).map(|mut v| v.remove(0))
+        parse(f.bridge, "h1").map(|mut v| v.remove(0))
     }
 
     #[test]

@@ -403,6 +403,8 @@ struct Wire {
     out: Vec<u8>,
     written: usize,
     chunk: Box<[u8; 16 * 1024]>,
+    /// TLS refused plaintext: the link must end.
+    broken: bool,
 }
 
 impl Wire {
@@ -417,6 +419,7 @@ impl Wire {
             out: Vec::new(),
             written: 0,
             chunk: Box::new([0; 16 * 1024]),
+            broken: false,
         }
     }
 
@@ -438,9 +441,24 @@ impl Wire {
     fn put_tls(&mut self, data: &[u8]) {
         match &mut self.tls {
             Some(t) => {
-                // The buffered writer takes everything (no limit set).
-                let _ = t.writer().write_all(data);
-                self.drain_tls();
+                // rustls buffers at most 64 KiB of records: encrypt in
+                // pieces, moving the records out after each.
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let n = t.writer().write(rest).unwrap_or(0);
+                    rest = &rest[n..];
+                    while t.wants_write() {
+                        if t.write_tls(&mut self.out).is_err() {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        // Cannot happen with the buffer just emptied; if it
+                        // does, the link is broken: the caller sees it.
+                        self.broken = true;
+                        break;
+                    }
+                }
             }
             None => self.out.extend_from_slice(data),
         }
@@ -484,6 +502,9 @@ impl Wire {
     }
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        if self.broken {
+            return Poll::Ready(Err("TLS refused data".into()));
+        }
         while self.written < self.out.len() {
             match Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.written..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err("the remote closed".into())),
