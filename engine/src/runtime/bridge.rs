@@ -344,10 +344,8 @@ async fn pump(
         }
         let ev = std::future::poll_fn(|cx| {
             conn.set_waker(cx.waker());
-            if let Poll::Ready(r) = io.poll_write(cx) {
-                if let Err(e) = r {
-                    return Poll::Ready(Err(e));
-                }
+            if let Poll::Ready(Err(e)) = io.poll_write(cx) {
+                return Poll::Ready(Err(e));
             }
             match io.poll_fill(cx) {
                 Poll::Ready(Ok(())) => return Poll::Ready(Ok(Ev::Input)),
