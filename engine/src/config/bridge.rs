@@ -31,6 +31,7 @@ pub struct BridgeFile {
     pub queue_qos0: Option<bool>,
     pub reconnect_delay_ms: Option<u64>,
     pub reconnect_delay_max_ms: Option<u64>,
+    #[serde(default)]
     pub topic: Vec<TopicFile>,
 }
 
