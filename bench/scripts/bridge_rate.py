@@ -3,17 +3,19 @@
 
 The remote is Debian's Mosquitto (TCP and WebSocket listeners). The edge is
 Tarta (bridge over TCP, and over WebSocket) or Mosquitto (its bridge speaks
-TCP only), fresh for every run, in alternating rounds. A paho publisher at
-the edge sends N numbered QoS 1 messages (100 in flight), a paho subscriber
-at the remote receives them; the edge's CPU comes from /proc.
+TCP only), fresh for every run, in alternating rounds.
 
-  rate:  msgs/s from the first publish to the last arrival, and msgs per
-         edge CPU-second.
-  drain: the edge starts with its remote down, takes a backlog of B QoS 1
-         messages, then the remote starts: time from the first to the last
-         arrival.
+  rate:  loadgen pairs (10 pairs, QoS 1, 64 B) with the publishers on the
+         edge and the subscribers on the remote (`--sub-port`), at a total
+         rate of 1,000 and 10,000 msgs/s and at the publishers' maximum:
+         delivered msgs/s, edge CPU (from /proc), latency end to end.
+         Tarta logs and fsyncs every message before its PUBACK;
+         Mosquitto's bridge queue is in memory (`persistence false`).
+  drain: the edge starts with its remote down and takes a backlog of B
+         QoS 1 messages (paho); then the remote starts and a paho
+         subscriber counts: backlog / (last arrival - first arrival).
 
-    bench/scripts/bridge_rate.py --messages 20000 --backlog 60000 --rounds 3
+    bench/scripts/bridge_rate.py --rounds 3 --backlog 60000
 """
 import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
@@ -56,8 +58,8 @@ def mosquitto(work, name, body):
                             stderr=open(os.path.join(work, f"{name}.log"), "w"))
 
 
-def remote(work, port=None):
-    tcp, ws = port or free_port(), free_port()
+def remote(work, tcp=None, ws=None):
+    tcp, ws = tcp or free_port(), ws or free_port()
     p = mosquitto(work, "remote", f"listener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\n"
                   "protocol websockets\nsocket_domain ipv4\nallow_anonymous true\n"
                   "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\n")
@@ -71,19 +73,23 @@ def edge(work, kind, rtcp, rws):
     if kind == "mosquitto":
         p = mosquitto(work, "edge", f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                       "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\n"
-                      f"connection cloud\naddress 127.0.0.1:{rtcp}\ntopic bench/# out 1\n"
+                      f"connection cloud\naddress 127.0.0.1:{rtcp}\ntopic bench/# out 1\ntopic loadgen/# out 1\n"
                       "cleansession false\nrestart_timeout 1\ntry_private true\n"
                       "bridge_max_packet_size 0\n")
     else:
-        addr = f"mqtt://127.0.0.1:{rtcp}" if kind == "tarta-tcp" else f"ws://127.0.0.1:{rws}/mqtt"
+        addr = f"mqtt://127.0.0.1:{rtcp}" if kind.startswith("tarta-tcp") else f"ws://127.0.0.1:{rws}/mqtt"
         conf = os.path.join(work, "edge.toml")
         data = os.path.join(work, "edge-data")
         shutil.rmtree(data, ignore_errors=True)
         with open(conf, "w") as f:
-            f.write(f'tcp = ["127.0.0.1:{port}"]\ndata_dir = "{data}"\n'
+            # -nofsync: the log is written but not synced (Mosquitto's
+            # bridge keeps its queue in memory only).
+            fsync = "never" if kind.endswith("-nofsync") else "always"
+            f.write(f'tcp = ["127.0.0.1:{port}"]\ndata_dir = "{data}"\nfsync = "{fsync}"\n'
                     f'[[bridge]]\nname = "cloud"\naddress = "{addr}"\nclient_id = "edge"\n'
                     'protocol = "3.1.1"\nreconnect_delay_ms = 200\nreconnect_delay_max_ms = 1000\n'
-                    '[[bridge.topic]]\nfilter = "bench/#"\nqos = 1\n')
+                    '[[bridge.topic]]\nfilter = "bench/#"\nqos = 1\n'
+                    '[[bridge.topic]]\nfilter = "loadgen/#"\nqos = 1\n')
         p = subprocess.Popen([TARTA, "--config", conf], stdout=subprocess.DEVNULL,
                              stderr=open(os.path.join(work, "edge.log"), "w"))
     wait_port(port)
@@ -155,20 +161,24 @@ def wait_link(eport, sub_port):
         raise RuntimeError("the bridge never forwarded the probe")
 
 
-def rate(work, kind, n):
+LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
+
+
+def rate(work, kind, total):
+    """One loadgen run; returns its JSON."""
     r, rtcp, rws = remote(work)
     e, eport = edge(work, kind, rtcp, rws)
     try:
         wait_link(eport, rtcp)
-        sub = Sub(rtcp, n)
-        c0, t0 = cpu(e.pid), time.time()
-        publish(eport, n)
-        if not sub.done.wait(120):
-            raise RuntimeError(f"{kind}: {len(sub.seen)} of {n} arrived")
-        c1 = cpu(e.pid)
-        wall = sub.last - t0
-        sub.stop()
-        return n / wall, n / max(c1 - c0, 1e-9)
+        out = os.path.join(work, "lg.json")
+        rate_args = ["--rate", "0"] if total == 0 else ["--total-rate", str(total)]
+        subprocess.run([LOADGEN, "pairs", "-n", "10", "--qos", "1", "--duration", "10", "--warmup", "2",
+                        "--port", str(eport), "--sub-port", str(rtcp), "--broker-pid", str(e.pid),
+                        "--json", out, "--quiet"] + rate_args,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        import json
+        with open(out) as f:
+            return json.load(f)
     finally:
         for p in (e, r):
             p.kill()
@@ -176,13 +186,13 @@ def rate(work, kind, n):
 
 
 def drain(work, kind, backlog):
-    rtcp = free_port()
-    e, eport = edge(work, kind, rtcp, free_port())
+    rtcp, rws = free_port(), free_port()
+    e, eport = edge(work, kind, rtcp, rws)
     r = None
     try:
         time.sleep(0.5)
         publish(eport, backlog)
-        r, rtcp, _ = remote(work, rtcp)
+        r, rtcp, _ = remote(work, rtcp, rws)
         sub = Sub(rtcp, backlog)
         if not sub.done.wait(300):
             raise RuntimeError(f"{kind}: {len(sub.seen)} of {backlog} drained")
@@ -197,31 +207,47 @@ def drain(work, kind, backlog):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--messages", type=int, default=20000)
+    ap.add_argument("--rates", default="1000,10000,0", help="total msgs/s; 0 = the publishers' maximum")
     ap.add_argument("--backlog", type=int, default=60000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="tarta-tcp,tarta-ws,mosquitto")
     a = ap.parse_args()
     kinds = a.kinds.split(",")
+    rates = [int(x) for x in a.rates.split(",")]
     work = tempfile.mkdtemp(prefix="bridge-rate-")
-    res = {k: {"rate": [], "per_cpu": [], "drain": []} for k in kinds}
+    res = {}
     try:
         for rnd in range(a.rounds):
+            for total in rates:
+                for k in kinds:
+                    j = rate(work, k, total)
+                    row = res.setdefault((total, k), {"delivered": [], "per_cpu": [], "p50": [], "lost": []})
+                    row["delivered"].append(j["delivered_per_s"])
+                    row["per_cpu"].append(j["msgs_per_broker_cpu_s"] or 0)
+                    row["p50"].append(j["latency_us"]["p50"] if j.get("latency_us") else 0)
+                    row["lost"].append(j["lost"])
+                    print(f"round {rnd + 1} rate {total or 'max':>6} {k:10} delivered {j['delivered_per_s']:9.0f}/s  "
+                          f"{j['msgs_per_broker_cpu_s'] or 0:9.0f} msgs/edge-CPU-s  lost {j['lost']}", flush=True)
             for k in kinds:
-                r, pc = rate(work, k, a.messages)
-                d = drain(work, k, a.backlog) if a.backlog else 0
-                res[k]["rate"].append(r)
-                res[k]["per_cpu"].append(pc)
-                res[k]["drain"].append(d)
-                print(f"round {rnd + 1} {k:10} {r:9.0f} msgs/s  {pc:9.0f} msgs/edge-CPU-s  drain {d:9.0f} msgs/s", flush=True)
+                if a.backlog:
+                    d = drain(work, k, a.backlog)
+                    res.setdefault(("drain", k), []).append(d)
+                    print(f"round {rnd + 1} drain {k:10} {d:9.0f} msgs/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmedians of {a.rounds} rounds, {a.messages} QoS 1 messages of 64 B, backlog {a.backlog}:")
-    print("| edge | forwarded msgs/s | msgs per edge CPU-s | drain msgs/s |")
-    print("|---|---|---|---|")
-    for k in kinds:
-        m = {x: statistics.median(v) for x, v in res[k].items()}
-        print(f"| {k} | {m['rate']:.0f} | {m['per_cpu']:.0f} | {m['drain']:.0f} |")
+    med = statistics.median
+    print(f"\nmedians of {a.rounds} rounds (10 QoS 1 pairs, 64 B):")
+    print("| offered | edge | delivered msgs/s | msgs per edge CPU-s | p50 latency | not delivered |")
+    print("|---|---|---|---|---|---|")
+    for total in rates:
+        for k in kinds:
+            r = res[(total, k)]
+            print(f"| {total or 'max'} | {k} | {med(r['delivered']):,.0f} | {med(r['per_cpu']):,.0f} | "
+                  f"{med(r['p50']) / 1000:.2f} ms | {med(r['lost']):,.0f} |")
+    if a.backlog:
+        print(f"\nbacklog of {a.backlog:,} QoS 1 messages, drain msgs/s (median):")
+        for k in kinds:
+            print(f"| {k} | {med(res[('drain', k)]):,.0f} |")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,10 @@ pub struct Common {
     /// Broker port (default: 1883, with --tls 8883).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Subscribers connect to this port on --host instead (another broker:
+    /// a bridge's remote, with publishers on the bridging broker).
+    #[arg(long)]
+    pub sub_port: Option<u16>,
     #[arg(long, value_enum, default_value_t = Transport::Tcp)]
     pub transport: Transport,
     /// HTTP path of the WebSocket endpoint (with --transport ws).
@@ -209,6 +213,8 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub addr: std::net::SocketAddr,
+    /// `--sub-port`: where subscribers connect (None: `addr`).
+    pub sub_addr: Option<std::net::SocketAddr>,
     pub transport: Transport,
     pub ws_path: String,
     /// `--tls`: TLS under the transport.

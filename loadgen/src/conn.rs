@@ -220,10 +220,14 @@ impl Client {
             Some(c) => Some(Box::new(TlsState::new(c)?)),
             None => None,
         };
-        let sock = connect_socket(s.addr, source).map_err(|e| io_reason(&e))?;
+        let role = s.scenario.role(k);
+        let addr = match (role, s.sub_addr) {
+            (Role::Sub { .. }, Some(a)) => a,
+            _ => s.addr,
+        };
+        let sock = connect_socket(addr, source).map_err(|e| io_reason(&e))?;
         // SAFETY: a connecting TCP socket we own; glommio owns it from here.
         let stream = unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) };
-        let role = s.scenario.role(k);
         let protocol = if s.v5 { Protocol::V5 } else { Protocol::V311 };
         let now_ms = started_ns / 1_000_000;
         let mut c = Client {

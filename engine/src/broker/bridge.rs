@@ -204,7 +204,8 @@ impl Shard {
         }
         entry.conn = Some(conn.clone());
         entry.generation = entry.generation.wrapping_add(1);
-        entry.session.window = remote.receive_maximum.min(self.cfg.max_inflight).max(1);
+        let max = self.cfg.bridges.get(idx).map_or(1, |b| b.max_inflight);
+        entry.session.window = remote.receive_maximum.min(max).max(1);
         {
             let mut cs = conn.state.borrow_mut();
             cs.protocol = remote.protocol;

@@ -31,6 +31,7 @@ pub struct BridgeFile {
     pub queue_qos0: Option<bool>,
     pub reconnect_delay_ms: Option<u64>,
     pub reconnect_delay_max_ms: Option<u64>,
+    pub max_inflight: Option<u16>,
     #[serde(default)]
     pub topic: Vec<TopicFile>,
 }
@@ -228,6 +229,9 @@ pub struct Bridge {
     pub reconnect_delay_ms: u64,
     pub reconnect_delay_max_ms: u64,
     pub rules: Vec<Rule>,
+    /// Messages in flight to the remote at most (and at most its Receive
+    /// Maximum): over a WAN link the window, not the CPU, bounds the rate.
+    pub max_inflight: u16,
     /// This broker's identity in hop markers (random per process).
     pub hop_id: String,
 }
@@ -405,6 +409,7 @@ pub fn parse(files: Vec<BridgeFile>, hop_id: &str) -> Result<Vec<Bridge>, String
             rules,
             name,
             hop_id: hop_id.to_string(),
+            max_inflight: f.max_inflight.unwrap_or(1024).max(1),
         });
     }
     Ok(out)

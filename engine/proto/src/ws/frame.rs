@@ -216,7 +216,8 @@ pub fn frame_header(opcode: u8, len: u64, out: &mut [u8; 10]) -> usize {
 /// A masked client frame (RFC 6455 §5.2), as a browser would send it. For
 /// clients, tests and benchmarks; the broker only sends server frames.
 pub fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+    let mut v = Vec::with_capacity(payload.len() + 14);
+    v.push(if fin { 0x80 } else { 0 } | opcode);
     let len = payload.len();
     if len < 126 {
         v.push(0x80 | len as u8);
@@ -228,7 +229,10 @@ pub fn client_frame(opcode: u8, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec
         v.extend_from_slice(&(len as u64).to_be_bytes());
     }
     v.extend_from_slice(&mask);
-    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let start = v.len();
+    v.extend_from_slice(payload);
+    // XOR is its own inverse: the word-at-a-time unmasking masks.
+    unmask(&mut v[start..], mask, 0);
     v
 }
 
