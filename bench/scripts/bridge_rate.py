@@ -21,27 +21,18 @@ import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, thre
 
 import paho.mqtt.client as mqtt
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import free_port, wait_port as _wait  # noqa: E402
+
+
+def wait_port(port):
+    if not _wait(port):
+        raise RuntimeError(f"nothing listens on {port}")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARTA = os.path.join(ROOT, "target", "release", "tarta")
 MOSQUITTO = "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else "mosquitto"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def cpu(pid):

@@ -111,9 +111,7 @@ pub fn settings(scenario: Scenario, c: &Common) -> Result<Settings, String> {
         host: c.host.clone(),
         port,
         addr,
-        sub_addr: c
-            .sub_port
-            .map(|p| std::net::SocketAddr::new(addr.ip(), p)),
+        sub_addr: c.sub_port.map(|p| std::net::SocketAddr::new(addr.ip(), p)),
         transport: c.transport,
         ws_path: c.ws_path.clone(),
         tls,

@@ -16,7 +16,7 @@ use super::client::{self, Flow, SubBatch};
 use super::conn::{CloseReason, Conn};
 use super::{SessionEntry, Shard, State};
 use crate::config::bridge::{Bridge, Overflow};
-use crate::session::{Delivery, Message, Session};
+use crate::session::{Delivery, Session};
 use crate::store::record::Rec;
 use bytes::Bytes;
 use std::rc::Rc;
@@ -429,17 +429,11 @@ impl Shard {
         let Some(b) = self.cfg.bridges.get(idx) else {
             return;
         };
-        let msg = Arc::new(Message {
-            topic: ByteStr::from(format!("$SYS/broker/connection/{}/state", b.name)),
-            payload: Bytes::from_static(if up { b"1" } else { b"0" }),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            properties: Default::default(),
-            origin: None,
-            expires_at: None,
-            uid: 0,
-            stamp: self.now.get() as u32,
-        });
+        let msg = self.broker_message(
+            format!("$SYS/broker/connection/{}/state", b.name),
+            Bytes::from_static(if up { b"1" } else { b"0" }),
+            QoS::AtLeastOnce,
+        );
         self.route(st, msg);
     }
 }

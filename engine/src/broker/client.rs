@@ -542,13 +542,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         if !protocol.is_v5() {
             return Flow::Close(CloseReason::StorageFailed);
         }
-        let a = ack(p.packet_id, reason::QUOTA_EXCEEDED);
-        let a = match p.qos {
-            QoS::AtLeastOnce => Packet::PubAck(a),
-            _ => Packet::PubRec(a),
-        };
-        conn.out.borrow_mut().push_packet(&a, protocol);
-        conn.wake();
+        quota_exceeded(conn, protocol, &p);
         return Flow::Continue;
     }
     if p.qos != QoS::AtMostOnce
@@ -560,13 +554,7 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         // quota exceeded; 3.x gets no acknowledgement (it sends it again
         // when it reconnects).
         if protocol.is_v5() {
-            let a = ack(p.packet_id, reason::QUOTA_EXCEEDED);
-            let a = match p.qos {
-                QoS::AtLeastOnce => Packet::PubAck(a),
-                _ => Packet::PubRec(a),
-            };
-            conn.out.borrow_mut().push_packet(&a, protocol);
-            conn.wake();
+            quota_exceeded(conn, protocol, &p);
         }
         return Flow::Continue;
     }
@@ -630,6 +618,17 @@ fn publish(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, mut p: mqtt::Publ
         }
     }
     pause.map_or(Flow::Continue, Flow::Pause)
+}
+
+/// 5.0: the QoS 1/2 PUBLISH `p` is refused with 0x97 (quota exceeded).
+fn quota_exceeded(conn: &Conn, protocol: Protocol, p: &mqtt::Publish) {
+    let a = ack(p.packet_id, reason::QUOTA_EXCEEDED);
+    let a = match p.qos {
+        QoS::AtLeastOnce => Packet::PubAck(a),
+        _ => Packet::PubRec(a),
+    };
+    conn.out.borrow_mut().push_packet(&a, protocol);
+    conn.wake();
 }
 
 fn subscribe(shard: &Shard, conn: &Rc<Conn>, protocol: Protocol, s: Subscribe) -> Flow {

@@ -187,18 +187,23 @@ impl Shard {
             );
         }
         for (topic, value) in all {
-            let msg = Arc::new(Message {
-                topic: ByteStr::from(topic),
-                payload: Bytes::from(value),
-                qos: QoS::AtMostOnce,
-                retain: true,
-                properties: Default::default(),
-                origin: None,
-                expires_at: None,
-                uid: 0,
-                stamp: self.now.get() as u32,
-            });
+            let msg = self.broker_message(topic, Bytes::from(value), QoS::AtMostOnce);
             self.route(&mut st, msg);
         }
+    }
+
+    /// A retained message the broker itself publishes (`$SYS`).
+    pub(super) fn broker_message(&self, topic: String, payload: Bytes, qos: QoS) -> Arc<Message> {
+        Arc::new(Message {
+            topic: ByteStr::from(topic),
+            payload,
+            qos,
+            retain: true,
+            properties: Default::default(),
+            origin: None,
+            expires_at: None,
+            uid: 0,
+            stamp: self.now.get() as u32,
+        })
     }
 }
