@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Bridge forwarding rate and backlog drain, Tarta beside Mosquitto.
 
-The remote is Debian's Mosquitto (TCP and WebSocket listeners). The edge is
+The remote is Debian's Mosquitto (TCP and WebSocket listeners), or with
+`--remote tarta` a Tarta without persistence (so that the remote is not
+what limits the edges at full rate). The edge is
 Tarta (bridge over TCP, and over WebSocket) or Mosquitto (its bridge speaks
 TCP only), fresh for every run, in alternating rounds.
 
@@ -49,8 +51,18 @@ def mosquitto(work, name, body):
                             stderr=open(os.path.join(work, f"{name}.log"), "w"))
 
 
+REMOTE = "mosquitto"
+
+
 def remote(work, tcp=None, ws=None):
     tcp, ws = tcp or free_port(), ws or free_port()
+    if REMOTE == "tarta":
+        p = subprocess.Popen([TARTA, "--tcp", f"127.0.0.1:{tcp}", "--ws", f"127.0.0.1:{ws}",
+                              "--no-persistence", "--no-pin"], stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(work, "remote.log"), "w"))
+        wait_port(tcp)
+        wait_port(ws)
+        return p, tcp, ws
     p = mosquitto(work, "remote", f"listener {tcp} 127.0.0.1\nlistener {ws} 127.0.0.1\n"
                   "protocol websockets\nsocket_domain ipv4\nallow_anonymous true\n"
                   "persistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\n")
@@ -202,7 +214,11 @@ def main():
     ap.add_argument("--backlog", type=int, default=60000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="tarta-tcp,tarta-ws,mosquitto")
+    ap.add_argument("--remote", default="mosquitto", choices=["mosquitto", "tarta"],
+                    help="the broker the edges bridge to (and the subscribers read from)")
     a = ap.parse_args()
+    global REMOTE
+    REMOTE = a.remote
     kinds = a.kinds.split(",")
     rates = [int(x) for x in a.rates.split(",")]
     work = tempfile.mkdtemp(prefix="bridge-rate-")
@@ -227,7 +243,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = statistics.median
-    print(f"\nmedians of {a.rounds} rounds (10 QoS 1 pairs, 64 B):")
+    print(f"\nmedians of {a.rounds} rounds (10 QoS 1 pairs, 64 B), remote {REMOTE}:")
     print("| offered | edge | delivered msgs/s | msgs per edge CPU-s | p50 latency | not delivered |")
     print("|---|---|---|---|---|---|")
     for total in rates:
