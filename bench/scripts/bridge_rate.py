@@ -18,6 +18,7 @@ TCP only), fresh for every run, in alternating rounds.
          subscriber counts: backlog / (last arrival - first arrival).
 
     bench/scripts/bridge_rate.py --rounds 3 --backlog 60000
+    bench/scripts/bridge_rate.py --crash 60000 --rounds 3
 """
 import argparse, os, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
@@ -71,7 +72,7 @@ def remote(work, tcp=None, ws=None):
     return p, tcp, ws
 
 
-def edge(work, kind, rtcp, rws):
+def edge(work, kind, rtcp, rws, keep=False):
     port = free_port()
     if kind == "mosquitto":
         p = mosquitto(work, "edge", f"listener {port} 127.0.0.1\nallow_anonymous true\n"
@@ -83,7 +84,8 @@ def edge(work, kind, rtcp, rws):
         addr = f"mqtt://127.0.0.1:{rtcp}" if kind.startswith("tarta-tcp") else f"ws://127.0.0.1:{rws}/mqtt"
         conf = os.path.join(work, "edge.toml")
         data = os.path.join(work, "edge-data")
-        shutil.rmtree(data, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(data, ignore_errors=True)
         with open(conf, "w") as f:
             # -nofsync: the log is written but not synced (Mosquitto's
             # bridge keeps its queue in memory only).
@@ -208,17 +210,55 @@ def drain(work, kind, backlog):
                 p.wait()
 
 
+def crash(work, backlog):
+    """A Tarta edge takes `backlog` messages with its remote down, is
+    SIGKILLed and started again on its data directory, then the remote
+    comes up: (messages that arrived, drain msgs/s)."""
+    rtcp, rws = free_port(), free_port()
+    e, eport = edge(work, "tarta-tcp", rtcp, rws)
+    r = None
+    try:
+        time.sleep(0.5)
+        publish(eport, backlog)
+        e.kill()
+        e.wait()
+        e, eport = edge(work, "tarta-tcp", rtcp, rws, keep=True)
+        r, rtcp, _ = remote(work, rtcp, rws)
+        sub = Sub(rtcp, backlog)
+        sub.done.wait(300)
+        sub.stop()
+        drained = backlog / (sub.last - sub.first) if sub.last else 0
+        return len(sub.seen), drained
+    finally:
+        for p in (e, r):
+            if p:
+                p.kill()
+                p.wait()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rates", default="1000,10000,0", help="total msgs/s; 0 = the publishers' maximum")
     ap.add_argument("--backlog", type=int, default=60000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kinds", default="tarta-tcp,tarta-ws,mosquitto")
+    ap.add_argument("--crash", type=int, default=0,
+                    help="only the crash run: this many messages buffered, the edge SIGKILLed")
     ap.add_argument("--remote", default="mosquitto", choices=["mosquitto", "tarta"],
                     help="the broker the edges bridge to (and the subscribers read from)")
     a = ap.parse_args()
     global REMOTE
     REMOTE = a.remote
+    if a.crash:
+        work = tempfile.mkdtemp(prefix="bridge-crash-")
+        try:
+            for rnd in range(a.rounds):
+                got, drained = crash(work, a.crash)
+                print(f"round {rnd + 1}: {a.crash:,} acknowledged, SIGKILL, restarted, "
+                      f"{got:,} arrived, drained at {drained:,.0f} msgs/s", flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     kinds = a.kinds.split(",")
     rates = [int(x) for x in a.rates.split(",")]
     work = tempfile.mkdtemp(prefix="bridge-rate-")
