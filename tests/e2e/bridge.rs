@@ -776,3 +776,30 @@ fn a_wrong_ca_keeps_the_link_down_and_says_why() {
         "{log}"
     );
 }
+
+/// A restart with other rules: the recovered session's subscriptions
+/// become exactly the new out rules (the old filter forwards no more).
+#[test]
+fn changed_rules_replace_the_recovered_subscriptions() {
+    let m = Mosquitto::start();
+    let dir = TempDir::new("bridge-rules");
+    let address = format!("\"mqtt://127.0.0.1:{}\"", m.tcp);
+    let mut e = edge(
+        &bridge("cloud", &address, "", &[("old/#", "out")]),
+        &dir.0.join("edge"),
+    );
+    wait_state(e.port, "cloud", "1");
+    e.terminate();
+    let table = bridge("cloud", &address, "", &[("new/#", "out")]);
+    let e = edge(&table, &dir.0.join("edge"));
+    wait_state(e.port, "cloud", "1");
+    let mut cloud = subscriber(m.tcp, "cloud-sub", "plant7/#");
+    publish_numbered(e.port, Protocol::V311, "old/a", 0..5);
+    publish_numbered(e.port, Protocol::V311, "new/a", 0..5);
+    let got = collect(&mut cloud, 10, Duration::from_secs(3));
+    assert_all_in_order(&got, "plant7/new/a", 0..5);
+    assert!(
+        !got.iter().any(|(t, _)| t.starts_with("plant7/old/")),
+        "{got:?}"
+    );
+}
