@@ -364,12 +364,7 @@ fn listeners_override_the_password_file_and_anonymous_access() {
          [[listener]]\nbind = \"127.0.0.1:0\"\npassword_file = {other:?}\n"
     );
     let b = start(&d.0, "", &extra);
-    let tcp: Vec<u16> = b
-        .listeners
-        .iter()
-        .filter(|(k, _)| k == "tcp")
-        .map(|l| l.1)
-        .collect();
+    let tcp = b.ports_of("tcp");
     let (global, open, own) = (tcp[0], tcp[1], tcp[2]);
     let v = Protocol::V311;
     let code = |port, user: Option<&str>, pass: Option<&str>| {

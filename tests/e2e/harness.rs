@@ -113,6 +113,15 @@ impl Broker {
             .unwrap_or_else(|| panic!("no {kind} listener"))
     }
 
+    /// The ports of every listener of this kind, in order.
+    pub fn ports_of(&self, kind: &str) -> Vec<u16> {
+        self.listeners
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|l| l.1)
+            .collect()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

@@ -569,12 +569,7 @@ fn proxy_protocol_gives_the_client_address_and_refuses_untrusted_peers() {
          [[listener]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\ntrusted_proxies = [\"10.9.9.0/24\"]\n"
     );
     let (b, _dir) = with_config("proxy", "", &body, &[]);
-    let tcp: Vec<u16> = b
-        .listeners
-        .iter()
-        .filter(|(k, _)| k == "tcp")
-        .map(|l| l.1)
-        .collect();
+    let tcp = b.ports_of("tcp");
     let (proxied, untrusted) = (tcp[1], tcp[2]);
     // v1 in front of MQTT.
     let mut s = TcpStream::connect(("127.0.0.1", proxied)).unwrap();
