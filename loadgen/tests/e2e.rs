@@ -180,10 +180,14 @@ fn mosquitto() -> Option<&'static Broker> {
         .unwrap();
         let (child, pid, lines) = spawn_guarded(&bin, &["-c", conf.to_str()?]);
         std::thread::spawn(move || for _ in lines {});
+        // Both listeners: Mosquitto listens on TCP before its WebSocket
+        // listener is up (a test once met a refused WebSocket connection).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", tcp)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        for p in [tcp, ws] {
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(Instant::now() < deadline, "mosquitto did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Some(Broker {
             child,
