@@ -138,7 +138,14 @@ next_connection_delay_ms = 0
     dynamic_filters = true
 """)
             cmd = [shutil.which("rumqttd"), "-c", conf, "-q"]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        # A/B variants of the vendored glommio patch (docs/GLOMMIO-NOTES.md):
+        # tarta-timer brings back upstream's preemption timers, tarta-upstream
+        # also its membarrier per park.
+        env = dict(os.environ)
+        env.update({"tarta-timer": {"GLOMMIO_PREEMPT_TIMER": "1"},
+                    "tarta-upstream": {"GLOMMIO_PREEMPT_TIMER": "1", "GLOMMIO_MEMBARRIER": "1"}}
+                   .get(self.name, {}))
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         if not wait_port(self.port):
             self.stop()
             raise RuntimeError(f"{self.name} did not start; see {self.dir}/log")

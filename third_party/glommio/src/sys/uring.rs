@@ -1072,13 +1072,16 @@ impl SleepableRing {
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
 
-            if self
-                .submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+            // Tarta's patch: the link is submitted and the wait begun in one
+            // `io_uring_enter` (upstream: one to submit, one to wait).
+            let submitted = match self.ring.submit_sqes_and_wait(1) {
+                Ok(n) => n as usize,
+                Err(e) => Reactor::busy_ok(e)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)?,
+            };
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1086,14 +1089,8 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                // The rings were linked and we slept. Good morning!
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1215,6 +1212,26 @@ impl UringCommon for SleepableRing {
     }
 }
 
+lazy_static! {
+    /// Tarta's patch: `GLOMMIO_PREEMPT_TIMER=1` in the environment brings
+    /// back upstream's preemption timers (read once).
+    static ref PREEMPT_TIMER: bool =
+        std::env::var_os("GLOMMIO_PREEMPT_TIMER").is_some_and(|v| v == "1");
+}
+
+/// Tarta's patch. Upstream arms a timeout in the latency ring on every
+/// turn of the executor loop (and a throughput timeout in the main ring,
+/// cancelling the previous ones), so that `need_preempt` is a comparison
+/// of the latency ring's completion head and tail: at ordinary load, where
+/// the loop turns once or twice per message, that is four `io_uring_enter`
+/// calls per turn. With the clock, the loop records a deadline instead and
+/// `need_preempt` also compares it with `Instant::now()` (a vDSO read):
+/// no system call. Timers the user asked for are still armed, only when
+/// the executor parks.
+fn clock_preempt() -> bool {
+    !*PREEMPT_TIMER
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1223,6 +1240,9 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    /// Tarta's patch: when the running task queue must yield (the clock
+    /// replaces upstream's preemption timers, see `clock_preempt`).
+    preempt_at: Cell<Option<Instant>>,
 
     link_fd: RawFd,
 
@@ -1354,6 +1374,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            preempt_at: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1823,13 +1844,16 @@ impl Reactor {
         drop(self.latency_preemption_timeout_src.take());
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. (Tarta's patch: not with the clock; see `clock_preempt`.)
+        self.preempt_at.set(None);
+        if !clock_preempt() {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1889,9 +1913,13 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            if clock_preempt() {
+                self.preempt_at.set(Some(Instant::now() + preempt));
+            } else {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:
@@ -1902,6 +1930,16 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// Whether the running task queue's time is up (Tarta's patch: the
+    /// clock instead of a preemption timer in the latency ring).
+    #[inline]
+    pub(crate) fn preempt_due(&self) -> bool {
+        match self.preempt_at.get() {
+            Some(at) => Instant::now() >= at,
+            None => false,
+        }
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
